@@ -1,0 +1,189 @@
+"""`cifar-train`: fit a model on CIFAR-10 (or an ImageFolder) and leave a run folder.
+
+cifar-train --data ~/data/cifar10-jpeg --out runs/blog
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import typer
+
+from cifarkit.cli import guarded, make_app
+from cifarkit.train import TrainConfig
+
+app = make_app("Train a CNN on CIFAR-10 (the blog's recipe by default) and write a run folder.")
+D = TrainConfig()  # CLI defaults are read from the dataclass, not copied by hand
+
+
+@app.command()
+def main(
+    data: str = typer.Option(
+        None,
+        "--data",
+        help="'torchvision' (download into --data-dir), an ImageFolder root "
+        "with train/ and test/, or an extracted cifar-10-batches-py folder. "
+        "Default: torchvision (or the checkpoint's source with --resume).",
+    ),
+    data_dir: str = typer.Option(
+        D.data_dir,
+        "--data-dir",
+        help="Download and decoded-image cache folder [default: $CIFARKIT_CACHE or ~/.cache/cifarkit].",
+    ),
+    model: str = typer.Option(D.model, "--model", help="Model name (see cifarkit.models.MODELS)."),
+    epochs: int = typer.Option(D.epochs, "--epochs", help="Total epochs."),
+    batch_size: int = typer.Option(D.batch_size, "--batch-size", help="Images per optimizer step."),
+    lr: float = typer.Option(D.lr, "--lr", help="Adam learning rate."),
+    seed: int = typer.Option(D.seed, "--seed", help="Seed for init and shuffling."),
+    device: str = typer.Option(D.device, "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps."),
+    precision: str = typer.Option(D.precision, "--precision", help="auto, fp32 or bf16 (autocast)."),
+    channels_last: str = typer.Option(D.channels_last, "--channels-last", help="auto, on or off."),
+    compile: bool = typer.Option(D.compile, "--compile/--no-compile", help="torch.compile the model."),
+    out: str = typer.Option(
+        D.out, "--out", help="Run folder [default: runs/<model>-<time>; the checkpoint's folder with --resume]."
+    ),
+    resume: str = typer.Option(D.resume, "--resume", help="checkpoint.pt to continue from; --epochs is the total."),
+    threads: int = typer.Option(D.threads, "--threads", help="Torch CPU threads [default: one per core]."),
+    progress: str = typer.Option("auto", "--progress", help="auto (bar on a terminal), bar, lines or none."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Train; prints progress, then overall and per-class test accuracy."""
+    from cifarkit.train import train
+
+    cfg = TrainConfig(
+        data=data,
+        data_dir=data_dir,
+        model=model,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+        precision=precision,
+        channels_last=channels_last,
+        compile=compile,
+        out=out,
+        resume=resume,
+        threads=threads,
+    )
+    if progress not in ("auto", "bar", "lines", "none"):
+        guarded(lambda: _bad("--progress must be auto, bar, lines or none"), debug=debug)
+    use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+    reporter = _BarReporter() if use_bar else _LineReporter(quiet=progress == "none")
+    try:
+        result = guarded(lambda: train(cfg, reporter), debug=debug)
+    finally:
+        reporter.close()
+    _print_results(result)
+
+
+def _bad(msg: str):
+    from cifarkit.errors import CifarkitError
+
+    raise CifarkitError(msg)
+
+
+def _print_results(result: Any) -> None:
+    m = result.metrics
+    print(f"\nAccuracy of the network on the {m.count} test images: {100 * m.accuracy:.2f} %")
+    width = max(len(c) for c in m.per_class)
+    print(f"{'class':<{width}}  accuracy")
+    for name, acc in m.per_class.items():
+        print(f"{name:<{width}}  {100 * acc:6.2f} %")
+    secs = result.epoch_seconds
+    if secs:
+        print(
+            f"\n{len(secs)} epoch(s) on {result.device} ({result.precision}, channels_last="
+            f"{'on' if result.channels_last else 'off'}): median {sorted(secs)[len(secs) // 2]:.2f} s/epoch, "
+            f"{result.images_per_second:,.0f} images/s"
+        )
+    print(f"run folder: {result.out_dir}  (checkpoint.pt, metrics.json, loss.png)")
+
+
+class _LineReporter:
+    """Plain lines in the blog's format, for logs and pipes."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, flush=True)
+
+    def data_loaded(self, data: Any) -> None:
+        how = "from cache" if data.from_cache else "decoded"
+        self._say(
+            f"data: {data.source} ({data.kind}, {len(data.train_y)} train / {len(data.test_y)} test, "
+            f"{data.num_classes} classes, {how} in {data.load_seconds:.1f} s)"
+        )
+
+    def start(self, info: dict[str, Any]) -> None:
+        resumed = f", resuming after epoch {info['start_epoch']}" if info["start_epoch"] else ""
+        self._say(
+            f"model: {info['model']} ({info['parameters']:,} parameters) on {info['device']}, "
+            f"{info['precision']}, channels_last={'on' if info['channels_last'] else 'off'}{resumed}"
+        )
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+
+    def step(self, epoch: int, epochs: int, step: int, steps: int, loss: float, ips: float) -> None:
+        self._say(f"Epoch [{epoch + 1}/{epochs}], Batch [{step}/{steps}], Loss: {loss:.4f}")
+
+    def epoch_end(self, epoch: int, epochs: int, stats: dict[str, Any]) -> None:
+        self._say(
+            f"Epoch [{epoch + 1}/{epochs}] done in {stats['seconds']:.2f} s "
+            f"({stats['images_per_second']:,.0f} images/s), test accuracy {100 * stats['test_accuracy']:.2f} %"
+        )
+
+    def close(self) -> None: ...
+
+
+class _BarReporter(_LineReporter):
+    """A rich progress bar on stderr with the running loss and images/s; epoch summaries as lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[ips]} img/s"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self.task = None
+        self.started = False
+
+    def _say(self, text: str) -> None:
+        self.console.print(text, highlight=False) if self.started else print(text, flush=True)
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
+        self.task = self.progress.add_task(f"epoch {epoch + 1}/{epochs}", total=steps, loss="-", ips="-")
+        self._t0 = time.perf_counter()
+
+    def step(self, epoch: int, epochs: int, step: int, steps: int, loss: float, ips: float) -> None:
+        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", ips=f"{ips:,.0f}")
+
+    def epoch_end(self, epoch: int, epochs: int, stats: dict[str, Any]) -> None:
+        self.progress.remove_task(self.task)
+        super().epoch_end(epoch, epochs, stats)
+
+    def close(self) -> None:
+        if self.started:
+            self.progress.stop()
+            self.started = False
+
+
+if __name__ == "__main__":
+    app()

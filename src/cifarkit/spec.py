@@ -1,0 +1,147 @@
+"""The artifact contract, defined once: class names, image size, normalization, metadata keys.
+
+Pure Python (no torch, no numpy): the training, export and inference stages all build from it, and a test
+checks that every exported artifact's metadata agrees with it.
+
+    from cifarkit.spec import ArtifactMeta
+    meta = ArtifactMeta.from_props(session.get_modelmeta().custom_metadata_map)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+# CIFAR-10's own label order, which is also the sorted order of the ImageFolder class folders.
+CIFAR10_CLASSES: tuple[str, ...] = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+IMAGE_SIZE: tuple[int, int] = (32, 32)  # (height, width) in pixels
+# The blog's `Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))` after `ToTensor()` (which scales by 1/255).
+MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
+PIXEL_SCALE: float = 1.0 / 255.0
+
+INPUT_NAME = "images"  # uint8 [N, H, W, 3], RGB
+OUTPUT_NAMES: tuple[str, str] = ("logits", "probabilities")  # float32 [N, C] each
+INPUT_LAYOUT = "NHWC"
+INPUT_DTYPE = "uint8"
+COLOR_ORDER = "RGB"
+
+# How an image that is not H x W RGB reaches the model. One rule for training on an ImageFolder of other
+# sizes and for inference; implemented once in cifarkit.preprocess and documented in the README.
+#   center_crop: scale the shorter side to the target (keeping the aspect ratio), then cut the centre.
+#   Chosen over squashing because photos are framed around their subject and CIFAR-10's objects were never
+#   stretched; a 32x32 image passes through untouched either way.
+RESIZE_MODE = "center_crop"  # "center_crop" | "squash"
+RESIZE_FILTER = "bilinear"  # Pillow's antialiased bilinear (a triangle filter widened on downscaling)
+RESIZE_MODES = ("center_crop", "squash")
+
+SCHEMA = "cifarkit.artifact/1"
+ARTIFACT_JSON_NAME = "model.json"  # the sidecar, and the extra file inside the TorchScript archive
+
+
+@dataclass(frozen=True)
+class ArtifactMeta:
+    """What an exported model says about itself. Stored as ONNX metadata_props (string -> string), as
+    the `model.json` sidecar and as an extra file in the TorchScript archive, all with the same content."""
+
+    class_names: tuple[str, ...]
+    model_name: str
+    image_size: tuple[int, int] = IMAGE_SIZE
+    mean: tuple[float, ...] = MEAN
+    std: tuple[float, ...] = STD
+    pixel_scale: float = PIXEL_SCALE
+    resize_mode: str = RESIZE_MODE
+    resize_filter: str = RESIZE_FILTER
+    input_name: str = INPUT_NAME
+    output_names: tuple[str, ...] = OUTPUT_NAMES
+    input_layout: str = INPUT_LAYOUT
+    input_dtype: str = INPUT_DTYPE
+    color_order: str = COLOR_ORDER
+    tta: str = "none"  # "none" | "hflip": test-time augmentation done inside the graph
+    test_accuracy: float | None = None  # fraction in [0, 1], from the checkpoint's test metrics
+    checkpoint_sha256: str = ""
+    versions: dict[str, str] = field(default_factory=dict)  # cifarkit, torch, onnx, ...
+    schema: str = SCHEMA
+
+    # ---- string-to-string form (ONNX metadata_props) -------------------------------------------------
+
+    def to_props(self) -> dict[str, str]:
+        """Every field as a string; lists and dicts as JSON so that any language can parse them."""
+        out: dict[str, str] = {}
+        for key, value in asdict(self).items():
+            out[key] = value if isinstance(value, str) else json.dumps(value)
+        return out
+
+    @classmethod
+    def from_props(cls, props: dict[str, str]) -> ArtifactMeta:
+        """Inverse of to_props; raises ValueError naming the key that is missing or malformed."""
+        kwargs: dict[str, object] = {}
+        for name in cls.__dataclass_fields__:
+            if name not in props:
+                if name in _REQUIRED_KEYS:
+                    raise ValueError(f"metadata key {name!r} is missing")
+                continue
+            raw = props[name]
+            if name in _STRING_KEYS:
+                kwargs[name] = raw
+                continue
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"metadata key {name!r} is not valid JSON: {raw[:60]!r}") from exc
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+        meta = cls(**kwargs)  # type: ignore[arg-type]
+        meta.validate()
+        return meta
+
+    # ---- JSON form (sidecar, TorchScript extra file) -------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> ArtifactMeta:
+        data = json.loads(text)
+        return cls.from_props({k: v if isinstance(v, str) else json.dumps(v) for k, v in data.items()})
+
+    def validate(self) -> None:
+        if self.schema != SCHEMA:
+            raise ValueError(f"metadata schema is {self.schema!r}, expected {SCHEMA!r}")
+        if len(self.class_names) < 2:
+            raise ValueError("metadata 'class_names' must list at least 2 classes")
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise ValueError(f"metadata 'image_size' must be [height, width], got {self.image_size!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("metadata 'mean' and 'std' must have 3 values (R, G, B)")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"metadata 'resize_mode' is {self.resize_mode!r}, expected one of {RESIZE_MODES}")
+
+
+_REQUIRED_KEYS = frozenset({"class_names", "model_name", "schema"})
+# Fields stored as bare strings in metadata_props; every other field is JSON.
+_STRING_KEYS = frozenset(
+    {
+        "model_name",
+        "resize_mode",
+        "resize_filter",
+        "input_name",
+        "input_layout",
+        "input_dtype",
+        "color_order",
+        "tta",
+        "checkpoint_sha256",
+        "schema",
+    }
+)
