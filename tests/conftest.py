@@ -117,3 +117,20 @@ def exported(tmp_path_factory, trained_run):
     from cifarkit.export import export
 
     return export(trained_run.checkpoint, tmp_path_factory.mktemp("artifacts"))
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory):
+    """One epoch of the blog recipe on the real data set (CIFARKIT_DATA); about 15-30 s on 2 cores."""
+    if not REAL_DATA:
+        pytest.skip("set CIFARKIT_DATA to an extracted CIFAR-10 ImageFolder root (train/ and test/)")
+    from cifarkit.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data=REAL_DATA,
+        data_dir=str(tmp_path_factory.getbasetemp() / "cache"),
+        epochs=1,
+        out=str(tmp_path_factory.mktemp("real-run")),
+        device="cpu",
+    )
+    return train(cfg)

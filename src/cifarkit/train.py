@@ -18,6 +18,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -115,6 +116,8 @@ class TrainResult:
 
 class Reporter:
     """Progress hooks; the default does nothing. The CLI subclasses it to draw a bar or print lines."""
+
+    every: int | None = None  # batches between step() calls; None: TrainConfig.log_every
 
     def data_loaded(self, data: CifarData) -> None: ...
 
@@ -352,16 +355,18 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if path.is_dir():
         raise CifarkitError(f"checkpoint {path} is a folder, expected a checkpoint.pt file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the pickle protocol of foreign files
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        text = str(exc).strip()
-        if "Weights only load failed" in text:
-            raise CifarkitError(
-                f"checkpoint {path} holds pickled Python objects, not plain data; refusing to "
-                "unpickle it (it was not written by cifarkit)"
-            ) from None
-        first = text.splitlines()[0][:160] if text else type(exc).__name__
-        raise CifarkitError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({first})") from None
+        text = str(exc)
+        if "Unsupported global" in text:
+            why = "it holds pickled Python objects, not plain data (refusing to unpickle them)"
+        elif "WeightsUnpickler" in text or "invalid load key" in text or "zip archive" in text:
+            why = "not a PyTorch checkpoint, or the file is corrupt or truncated"
+        else:
+            why = text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__
+        raise CifarkitError(f"checkpoint {path} cannot be read: {why}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CifarkitError(f"checkpoint {path} is not a cifarkit checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     if state.get("format_version", 0) > CHECKPOINT_VERSION:
@@ -429,8 +434,19 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     precision = resolve_precision(cfg.precision, device)
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type in ("cpu", "cuda"))
     out_dir = Path(cfg.out or f"runs/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    created = not out_dir.exists()
     _check_writable(out_dir)
+    try:
+        return _run(cfg, rep, resumed, device, precision, channels_last, allocator_tuned, out_dir)
+    except BaseException:
+        # A run that fails before its first checkpoint leaves no empty run folder behind.
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
 
+
+def _run(cfg: TrainConfig, rep: Reporter, resumed: dict[str, Any] | None, device: torch.device, precision: str,
+         channels_last: bool, allocator_tuned: bool, out_dir: Path) -> TrainResult:
     data = load_data(cfg.data, cfg.data_dir)
     rep.data_loaded(data)
     if resumed is not None and list(resumed["class_names"]) != list(data.classes):
@@ -562,7 +578,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
 def _step_reporter(rep: Reporter, epoch: int, cfg: TrainConfig, steps: int, t0: float, device: torch.device):
     """Calls rep.step every `every` batches with the mean loss since the last call. On CPU reading the loss
     costs nothing; on a GPU it syncs, so it happens at most every 50 batches."""
-    every = max(1, min(cfg.log_every, 50 if device.type != "cpu" else cfg.log_every))
+    wanted = getattr(rep, "every", None) or cfg.log_every
+    every = max(1, min(wanted, 50) if device.type != "cpu" else wanted)
     last = [0]
 
     def on_step(i: int, losses: torch.Tensor) -> None:

@@ -143,6 +143,8 @@ class _LineReporter:
 class _BarReporter(_LineReporter):
     """A rich progress bar on stderr with the running loss and images/s; epoch summaries as lines."""
 
+    every = 20
+
     def __init__(self) -> None:
         super().__init__()
         from rich.console import Console

@@ -1,0 +1,181 @@
+"""The model, the training loop, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import synthetic_images
+
+from cifarkit.data import DeviceBatches
+from cifarkit.errors import CifarkitError
+from cifarkit.models import BlogCNN, build_model, count_parameters
+from cifarkit.train import (
+    Reporter,
+    TrainConfig,
+    evaluate,
+    load_checkpoint,
+    make_optimizer,
+    model_from_checkpoint,
+    predict_logits,
+    select_device,
+    train,
+    train_one_epoch,
+)
+
+
+def test_blog_cnn_shape_and_parameter_count():
+    model = BlogCNN(num_classes=10)
+    assert count_parameters(model) == 89_834  # the blog's figure
+    assert model(torch.zeros(5, 3, 32, 32)).shape == (5, 10)
+    assert build_model("blog_cnn", num_classes=3)(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    with pytest.raises(CifarkitError, match="unknown model 'resnet9000'"):
+        build_model("resnet9000", num_classes=10)
+
+
+def test_a_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    x, y = synthetic_images(256)
+    model = BlogCNN()
+    batches = DeviceBatches(x, y, batch_size=32, device=torch.device("cpu"))
+    before = evaluate(model, x, y, tuple(map(str, range(10))), device=torch.device("cpu"))
+    optimizer = make_optimizer(model, 1e-3, torch.device("cpu"))
+    for epoch in range(3):
+        losses = train_one_epoch(model, batches, optimizer, epoch)
+    after = evaluate(model, x, y, tuple(map(str, range(10))), device=torch.device("cpu"))
+    assert after.loss < 0.7 * before.loss
+    assert losses.shape == (8,) and torch.isfinite(losses).all()
+
+
+def test_run_folder_contents(trained_run):
+    out = trained_run.out_dir
+    assert {"checkpoint.pt", "metrics.json", "loss.png"} <= {p.name for p in out.iterdir()}
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] == pytest.approx(trained_run.metrics.accuracy)
+    assert set(metrics["test"]["per_class"]) == set(metrics["classes"])
+    assert len(metrics["loss_per_batch"]) == 2 * 32  # 1,000 images / batch 32 = 32 batches, 2 epochs
+    assert len(metrics["epoch_seconds"]) == 2 and all(s > 0 for s in metrics["epoch_seconds"])
+    for key in ("device", "precision", "channels_last", "images_per_second", "versions", "train_config"):
+        assert key in metrics
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert trained_run.metrics.accuracy > 0.5  # far above the 10 % of chance on the synthetic classes
+
+
+def test_checkpoint_is_plain_data_and_rebuilds_the_model(trained_run, batches_py):
+    raw = torch.load(trained_run.checkpoint, weights_only=True)  # would raise on pickled objects
+    for key in (
+        "model_name",
+        "model_kwargs",
+        "class_names",
+        "mean",
+        "std",
+        "train_config",
+        "epoch",
+        "optimizer_state",
+        "metrics",
+        "history",
+        "versions",
+    ):
+        assert key in raw
+    assert raw["epoch"] == 2
+    state = load_checkpoint(trained_run.checkpoint)
+    model = model_from_checkpoint(state)
+    x, y = synthetic_images(1200)  # the same generator and seed as the fixture's data set
+    metrics = evaluate(model, x[1000:], y[1000:], tuple(state["class_names"]), device=torch.device("cpu"))
+    assert metrics.accuracy == pytest.approx(trained_run.metrics.accuracy)
+
+
+def test_same_seed_same_run_on_cpu(tmp_path, batches_py):
+    runs = [
+        train(TrainConfig(data=str(batches_py), epochs=1, out=str(tmp_path / f"r{i}"), device="cpu")) for i in range(2)
+    ]
+    a, b = (load_checkpoint(r.checkpoint)["model_state"] for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = train(TrainConfig(data=str(batches_py), epochs=1, seed=1, out=str(tmp_path / "r2"), device="cpu"))
+    c = load_checkpoint(other.checkpoint)["model_state"]
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+class _KillAfter(Reporter):
+    """Simulates a run killed after `epochs` complete epochs."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def epoch_start(self, epoch, epochs, steps):
+        if epoch == self.epochs:
+            raise KeyboardInterrupt
+
+
+def test_killed_run_resumes_to_the_same_final_state(tmp_path, batches_py):
+    straight = train(TrainConfig(data=str(batches_py), epochs=3, out=str(tmp_path / "straight"), device="cpu"))
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(data=str(batches_py), epochs=3, out=str(tmp_path / "killed"), device="cpu"), _KillAfter(2))
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 2
+    resumed = train(TrainConfig(resume=str(tmp_path / "killed" / "checkpoint.pt"), epochs=3, device="cpu"))
+    assert resumed.out_dir == tmp_path / "killed" and resumed.epochs_run == 1
+    a = load_checkpoint(straight.checkpoint)
+    b = load_checkpoint(resumed.checkpoint)
+    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
+    assert b["history"]["loss"] == a["history"]["loss"]
+    assert resumed.metrics.accuracy == straight.metrics.accuracy
+    with pytest.raises(CifarkitError, match="already holds 3 epochs"):
+        train(TrainConfig(resume=str(resumed.checkpoint), epochs=3, device="cpu"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"epochs": 0}, "--epochs must be at least 1"),
+        ({"lr": -0.1}, "--lr must be a positive number"),
+        ({"lr": float("nan")}, "--lr must be a positive number"),
+        ({"batch_size": 0}, "--batch-size must be at least 1"),
+        ({"precision": "fp8"}, "--precision"),
+    ],
+)
+def test_bad_config_is_refused_before_anything_is_written(tmp_path, batches_py, overrides, message):
+    out = tmp_path / "run"
+    with pytest.raises(CifarkitError, match=message):
+        train(TrainConfig(data=str(batches_py), out=str(out), **overrides))
+    assert not out.exists()
+
+
+def test_failed_run_leaves_no_empty_run_folder(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(CifarkitError, match="does not exist"):
+        train(TrainConfig(data=str(tmp_path / "nowhere"), out=str(out)))
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda():
+    with pytest.raises(CifarkitError, match="CUDA is not available"):
+        select_device("cuda")
+
+
+def test_corrupt_and_foreign_checkpoints(tmp_path):
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CifarkitError, match="garbage.pt cannot be read"):
+        load_checkpoint(tmp_path / "garbage.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    with pytest.raises(CifarkitError, match="not a cifarkit checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(CifarkitError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_predict_logits_matches_evaluate(trained_run):
+    state = load_checkpoint(trained_run.checkpoint)
+    model = model_from_checkpoint(state)
+    x, y = synthetic_images(1200)
+    logits = predict_logits(model, x[1000:], device=torch.device("cpu"), batch_size=64)
+    assert float(np.mean(logits.argmax(1) == y[1000:])) == pytest.approx(trained_run.metrics.accuracy)
+
+
+def test_one_real_epoch_is_far_above_chance(real_run):
+    # The blog recipe's first epoch reaches about 55 %; chance is 10 %.
+    assert real_run.metrics.count == 10_000
+    assert real_run.metrics.accuracy > 0.45
