@@ -3,12 +3,17 @@
 Pillow + numpy only (no torch): used by inference, and by training on an ImageFolder whose images are not
 already the model's size, so that both see the same pixels. The rule, for other apps to copy:
 
-1. apply the EXIF orientation;
-2. convert to 8-bit RGB: alpha is composited on white, grayscale is replicated, palette and CMYK go
-   through Pillow's conversion, 16-bit images keep their top 8 bits;
-3. resize to the model's H x W with Pillow's antialiased bilinear filter. ``center_crop`` (the default)
-   takes the largest centred region with the target's aspect ratio; ``squash`` takes the whole image.
-   An image already H x W is left untouched: a 32x32 CIFAR image reaches the model pixel for pixel.
+1. take the first frame (GIF, multi-page TIFF, MPO) and apply the EXIF orientation;
+2. convert to 8-bit RGB: alpha (RGBA, LA, PA, palette or colour-key transparency) is composited on white,
+   grayscale and 1-bit are replicated, palette and CMYK go through Pillow's conversion, CIE L*a*b* through
+   LittleCMS, 16-bit images keep their top 8 bits (value >> 8). Embedded ICC profiles are not applied:
+   pixel values are taken as sRGB, as CIFAR-10's were;
+3. resize to the model's H x W with Pillow's antialiased filter (bilinear by default). ``center_crop``
+   (the default) takes the largest centred region with the target's aspect ratio; ``squash`` takes the
+   whole image. An image already H x W is not resampled: a 32x32 RGB image reaches the model pixel for pixel.
+
+Big JPEGs are decoded at 1/2, 1/4 or 1/8 scale by libjpeg (never below twice the target size) before the
+antialiased resize; images over MAX_PIXELS are refused before they are decoded (decompression bombs).
 
     from cifarkit.preprocess import load_image
     pixels = load_image("cat.jpg")            # uint8 [32, 32, 3]
@@ -16,15 +21,17 @@ already the model's size, so that both see the same pixels. The rule, for other 
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from cifarkit.spec import IMAGE_SIZE, RESIZE_FILTER, RESIZE_MODE, RESIZE_MODES
 
-# Pillow's own bomb limit (about 89 megapixels); a larger image is refused before it is decoded.
+# Pillow's own bomb limit (about 89 megapixels, ~360 MB decoded as RGBA); a larger image is refused before it
+# is decoded. Read at call time, so a caller (or a test) can lower it.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 _FILTERS = {
@@ -35,36 +42,86 @@ _FILTERS = {
     "box": Image.Resampling.BOX,
 }
 
-# Extensions we look for in folders (lower-cased before comparison).
+# Extensions we look for in folders (lower-cased before comparison). A file named explicitly is tried whatever
+# its name.
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".avif",
+    }
 )
+
+# EXIF orientation (tag 0x0112) -> the transpose that makes the image upright.
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 
 class ImageError(ValueError):
     """An image that cannot be read or decoded; the message names the file and the reason."""
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Pixels: orientation, colour, size
+# ---------------------------------------------------------------------------------------------------------
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation. Unlike ImageOps.exif_transpose, an upright image is returned as is
+    rather than copied (a full copy of a 24-megapixel photo costs ~70 MB and ~20 ms)."""
+    try:
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block must not cost the image: treat it as upright
+        return im
+    method = _TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    return im.transpose(method) if method is not None else im
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB. Alpha is composited on white."""
     if im.mode == "RGB":
         return im
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if im.mode in _SIXTEEN_BIT:
         # 16-bit (or 32-bit integer) grayscale: keep the top 8 bits of a 16-bit range.
         arr = np.asarray(im, dtype=np.int64)
         arr = np.clip(arr >> 8, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     if im.mode == "F":
         arr = np.asarray(im, dtype=np.float64)
-        if arr.size and np.nanmax(arr) <= 1.0:
+        if arr.size and np.nanmax(arr) <= 1.0:  # a float image in [0, 1]
             arr = arr * 255.0
         return Image.fromarray(np.clip(np.nan_to_num(arr), 0, 255).round().astype(np.uint8), "L").convert("RGB")
-    has_alpha = (
-        im.mode in ("RGBA", "LA", "PA", "RGBa", "La")
-        or (im.mode == "P" and "transparency" in im.info)
-        or (im.mode in ("L", "RGB") and "transparency" in im.info)
-    )
+    if im.mode == "LAB":
+        # Pillow's convert() would reinterpret L*a*b* as RGB; LittleCMS does the real conversion.
+        from PIL import ImageCms
+
+        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+        return ImageCms.applyTransform(im, transform)
+    has_alpha = im.mode in _ALPHA_MODES or (im.mode in ("P", "L", "1") and "transparency" in im.info)
     if has_alpha:
+        if im.mode == "La":  # premultiplied: Pillow converts La only to LA
+            im = im.convert("LA")
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
@@ -94,15 +151,14 @@ def preprocess(
     resample: str = RESIZE_FILTER,
 ) -> np.ndarray:
     """A decoded Pillow image -> uint8 [H, W, 3] RGB, by the rule in this module's docstring."""
-    im = ImageOps.exif_transpose(im)
+    if resample not in _FILTERS:
+        raise ValueError(f"resize filter must be one of {sorted(_FILTERS)}, got {resample!r}")
+    im = to_rgb(upright(im))
     th, tw = size
     if im.size != (tw, th):
         box = crop_box(im.width, im.height, size, mode)
-        im = to_rgb(im).resize((tw, th), _FILTERS[resample], box=box)
-    else:
-        im = to_rgb(im)
-    arr = np.asarray(im, dtype=np.uint8)
-    return np.ascontiguousarray(arr)
+        im = im.resize((tw, th), _FILTERS[resample], box=box)
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))  # [H, W, 3]
 
 
 def load_image(
@@ -122,35 +178,44 @@ def load_image(
                     "(possible decompression bomb)"
                 )
             th, tw = size
-            if im.format == "JPEG" and w >= 2 * tw and h >= 2 * th:
-                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: big photos decode several times faster.
+            if im.format in ("JPEG", "MPO") and w >= 2 * tw and h >= 2 * th:
+                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: a 12-megapixel photo decodes ~10x faster, and
+                # the antialiased resize below still sees at least twice the target's pixels.
                 im.draft("RGB", (tw * 2, th * 2))
-            im.seek(0)  # first frame of a GIF / multi-page TIFF
-            im.load()
+            im.load()  # Image.open stands on the first frame of a GIF, multi-page TIFF or MPO
             return preprocess(im, size, mode, resample)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: refused, possible decompression bomb ({exc})") from None
+        raise ImageError(f"{name}: refused, possible decompression bomb ({_short(exc)})") from None
     except FileNotFoundError:
-        raise ImageError(f"{name}: no such file") from None
+        why = "broken symlink" if os.path.islink(name) else "no such file"
+        raise ImageError(f"{name}: {why}") from None
     except IsADirectoryError:
         raise ImageError(f"{name}: is a directory, expected an image file") from None
     except PermissionError:
         raise ImageError(f"{name}: permission denied") from None
     except Image.UnidentifiedImageError:
-        size_b = _size_or_none(name)
-        why = "empty file" if size_b == 0 else "not an image Pillow can read"
-        raise ImageError(f"{name}: {why}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{name}: {_unidentified_reason(name)}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageError(f"{name}: symlink loop") from None
+        raise ImageError(f"{name}: cannot decode image ({_short(exc)})") from None
+    except (SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise ImageError(f"{name}: cannot decode image ({_short(exc)})") from None
 
 
-def _size_or_none(path: str) -> int | None:
+def _unidentified_reason(path: str) -> str:
     try:
-        return os.path.getsize(path)
+        size = os.path.getsize(path)
     except OSError:
-        return None
+        size = None
+    if size == 0:
+        return "empty file"
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".heic", ".heif"):
+        return "HEIC/HEIF is not supported by this Pillow build; convert it to JPEG or PNG"
+    return "not an image Pillow can read"
 
 
 def _short(exc: BaseException) -> str:
