@@ -9,13 +9,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import needs_real_data, synthetic_images, write_batches_py, write_imagefolder
 from PIL import Image
 
 from cifarkit.data import DeviceBatches, load_data
 from cifarkit.errors import CifarkitError
 from cifarkit.preprocess import load_image
 from cifarkit.spec import CIFAR10_CLASSES, MEAN, STD
+from conftest import needs_real_data, synthetic_images, write_batches_py, write_imagefolder
 
 
 def test_batches_py_folder_and_its_parent(tmp_path):

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_images
 
 from cifarkit.data import DeviceBatches
 from cifarkit.errors import CifarkitError
 from cifarkit.models import BlogCNN, build_model, count_parameters
+from cifarkit.recipes import RECIPES
 from cifarkit.train import (
     Reporter,
     TrainConfig,
@@ -24,6 +24,7 @@ from cifarkit.train import (
     train,
     train_one_epoch,
 )
+from conftest import synthetic_images
 
 
 def test_blog_cnn_shape_and_parameter_count():
@@ -41,7 +42,7 @@ def test_a_few_steps_lower_the_loss():
     model = BlogCNN()
     batches = DeviceBatches(x, y, batch_size=32, device=torch.device("cpu"))
     before = evaluate(model, x, y, tuple(map(str, range(10))), device=torch.device("cpu"))
-    optimizer = make_optimizer(model, 1e-3, torch.device("cpu"))
+    optimizer = make_optimizer(model, RECIPES["blog"], 1e-3, 32, torch.device("cpu"))
     for epoch in range(3):
         losses = train_one_epoch(model, batches, optimizer, epoch)
     after = evaluate(model, x, y, tuple(map(str, range(10))), device=torch.device("cpu"))
@@ -129,7 +130,8 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path, batches_py):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"epochs": 0}, "--epochs must be at least 1"),
+        ({"epochs": 0}, "--epochs must be a positive number"),
+        ({"epochs": -2.5}, "--epochs must be a positive number"),
         ({"lr": -0.1}, "--lr must be a positive number"),
         ({"lr": float("nan")}, "--lr must be a positive number"),
         ({"batch_size": 0}, "--batch-size must be at least 1"),

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from cifarkit import __version__, atomic
-from cifarkit.data import normalize_uint8
 from cifarkit.errors import CifarkitError
+from cifarkit.models import DeployedModel
 from cifarkit.spec import ARTIFACT_JSON_NAME, INPUT_NAME, OUTPUT_NAMES, ArtifactMeta
 from cifarkit.train import file_sha256, load_checkpoint, model_from_checkpoint
 
@@ -39,29 +39,6 @@ VERIFY_BATCH_SIZES = (1, 2, 7, 64)
 MAX_ABS_LOGIT_DIFF = 1e-4
 ONNX_NAME = "model.onnx"
 TORCHSCRIPT_NAME = "model.pt"
-
-
-class DeployedModel(nn.Module):
-    """uint8 [N, H, W, 3] RGB -> (logits [N, C], probabilities [N, C]), float32.
-
-    Normalization is torchvision's ToTensor() + Normalize(mean, std), done in the graph so that a host app
-    feeds decoder output directly. With tta="hflip" the logits of the image and its mirror are averaged."""
-
-    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], tta: str = "none") -> None:
-        super().__init__()
-        if tta not in ("none", "hflip"):
-            raise ValueError(f"tta must be 'none' or 'hflip', got {tta!r}")
-        self.net = net
-        self.tta = tta
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = normalize_uint8(images, self.mean, self.std).contiguous()  # [N, 3, H, W] float32
-        logits = self.net(x)
-        if self.tta == "hflip":
-            logits = 0.5 * (logits + self.net(torch.flip(x, dims=[3])))
-        return logits, torch.softmax(logits, dim=1)
 
 
 @dataclass
@@ -92,7 +69,7 @@ class ExportResult:
 
 def deployed_from_checkpoint(state: dict[str, Any]) -> DeployedModel:
     net = model_from_checkpoint(state)
-    tta = state.get("train_config", {}).get("tta") or state.get("tta") or "none"
+    tta = state.get("tta", "none")
     return DeployedModel(net, state.get("mean", (0.5, 0.5, 0.5)), state.get("std", (0.5, 0.5, 0.5)), tta=tta).eval()
 
 
@@ -312,13 +289,29 @@ def export(
     if not 7 <= opset <= 23:
         raise CifarkitError(f"--opset must be between 7 and 23, got {opset}")
     out = Path(out_dir)
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as exc:
         raise CifarkitError(f"--out: cannot write to {out} ({exc.strerror or exc})") from None
+    try:
+        return _export(checkpoint, out, formats, opset, images, verify_count)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed export leaves no empty folder behind
+        raise
 
+
+def _export(
+    checkpoint: str | os.PathLike[str],
+    out: Path,
+    formats: Sequence[str],
+    opset: int,
+    images: np.ndarray | None,
+    verify_count: int,
+) -> ExportResult:
     state = load_checkpoint(checkpoint)
     model = deployed_from_checkpoint(state)
     meta = meta_from_checkpoint(state, checkpoint, model.tta)

@@ -7,7 +7,7 @@ ties it to a device; the training stage moves the model where it belongs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -39,8 +39,140 @@ class BlogCNN(nn.Module):
         return self.fc2(x)  # [N, C] logits
 
 
+# ---------------------------------------------------------------------------------------------------------
+# A fast, strong CIFAR-10 network, after airbench94 (Keller Jordan, "94% on CIFAR-10 in 3.29 seconds on a
+# single GPU", arXiv 2404.00498): a frozen 2x2 patch-whitening conv, three conv groups with BatchNorm and
+# GELU, a 3x3 max-pool head and a scaled linear classifier. 1.97 M parameters.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _BatchNorm(nn.BatchNorm2d):
+    """BatchNorm with a learnable bias only (the scale is fixed at 1), as in airbench."""
+
+    def __init__(self, num_features: int, momentum: float = 0.6, eps: float = 1e-12) -> None:
+        super().__init__(num_features, eps=eps, momentum=1 - momentum)
+        self.weight.requires_grad_(False)
+
+
+class _Conv(nn.Conv2d):
+    """3x3 'same' conv without bias, initialised as identity on the first in_channels filters (dirac)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, kernel_size=3, padding="same", bias=False)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        w = self.weight.data
+        nn.init.dirac_(w[: w.size(1)])
+
+
+class _ConvGroup(nn.Module):
+    def __init__(self, cin: int, cout: int, bn_momentum: float) -> None:
+        super().__init__()
+        self.conv1 = _Conv(cin, cout)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = _BatchNorm(cout, bn_momentum)
+        self.conv2 = _Conv(cout, cout)
+        self.norm2 = _BatchNorm(cout, bn_momentum)
+        self.activ = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.activ(self.norm1(self.pool(self.conv1(x))))
+        return self.activ(self.norm2(self.conv2(x)))
+
+
+class AirbenchNet(nn.Module):
+    """[N, 3, 32, 32] -> [N, C]. Widths (64, 256, 256) as airbench94; `whiten` must be initialised from
+    training data with `init_whitening` before training (its weights are then frozen)."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        widths: Sequence[int] = (64, 256, 256),
+        bn_momentum: float = 0.6,
+        scaling_factor: float = 1 / 9,
+    ) -> None:
+        super().__init__()
+        whiten_width = 2 * 3 * 2 * 2  # +/- each eigenvector of the 12-dim 2x2x3 patch covariance
+        self.whiten = nn.Conv2d(3, whiten_width, kernel_size=2, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        self.block1 = _ConvGroup(whiten_width, widths[0], bn_momentum)
+        self.block2 = _ConvGroup(widths[0], widths[1], bn_momentum)
+        self.block3 = _ConvGroup(widths[1], widths[2], bn_momentum)
+        self.head_pool = nn.MaxPool2d(3)
+        self.fc = nn.Linear(widths[2], num_classes, bias=False)
+        self.scaling_factor = scaling_factor
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.whiten(x))  # [N, 24, 31, 31]
+        x = self.block3(self.block2(self.block1(x)))  # [N, 256, 3, 3]
+        x = torch.flatten(self.head_pool(x), 1)  # [N, 256]
+        return self.fc(x) * self.scaling_factor
+
+
+@torch.no_grad()
+def init_whitening(layer: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Set a 2x2 conv to whiten image patches: weights = +/- eigenvectors / sqrt(eigenvalues + eps) of the
+    patch covariance of `images` (float [N, 3, H, W], normalized; airbench uses the first 5,000)."""
+    c, (h, w) = images.shape[1], layer.weight.shape[2:]
+    patches = images.unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c, h, w).double()
+    flat = patches.reshape(len(patches), -1)
+    cov = (flat.T @ flat) / len(flat)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+    eigenvalues = eigenvalues.flip(0).view(-1, 1, 1, 1)
+    eigenvectors = eigenvectors.T.reshape(c * h * w, c, h, w).flip(0)
+    scaled = (eigenvectors / torch.sqrt(eigenvalues + eps)).to(layer.weight.dtype)
+    layer.weight.copy_(torch.cat((scaled, -scaled)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The deployed module: what both exported artifacts contain, and what evaluation runs
+# ---------------------------------------------------------------------------------------------------------
+
+TTA_MODES = ("none", "hflip", "hflip_translate")
+
+
+class DeployedModel(nn.Module):
+    """uint8 [N, H, W, 3] RGB -> (logits [N, C], probabilities [N, C]), float32.
+
+    Normalization is torchvision's ToTensor() + Normalize(mean, std), done in the graph so that a host app
+    feeds decoder output directly. Test-time augmentation, averaged in logit space (airbench's rule):
+      hflip            mean of the image and its mirror
+      hflip_translate  half that, half the mean of hflip over the image shifted 1 px up-left and down-right
+                       (reflect padding)"""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], tta: str = "none") -> None:
+        super().__init__()
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+        self.net = net
+        self.tta = tta
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
+
+    def _mirror(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.net(x) + self.net(torch.flip(x, dims=[3])))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Same arithmetic as cifarkit.data.normalize_uint8 (ToTensor then Normalize), kept inline so that
+        # this module stays self-contained for export.
+        x = images.permute(0, 3, 1, 2).to(torch.float32).div(255.0).sub(self.mean).div(self.std).contiguous()
+        if self.tta == "none":
+            logits = self.net(x)
+        elif self.tta == "hflip":
+            logits = self._mirror(x)
+        else:
+            h, w = x.shape[2], x.shape[3]
+            padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+            shifted = 0.5 * (self._mirror(padded[:, :, 0:h, 0:w]) + self._mirror(padded[:, :, 2 : h + 2, 2 : w + 2]))
+            logits = 0.5 * self._mirror(x) + 0.5 * shifted
+        return logits, torch.softmax(logits, dim=1)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "blog_cnn": BlogCNN,
+    "airbench": AirbenchNet,
 }
 
 

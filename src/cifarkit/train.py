@@ -20,7 +20,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ from cifarkit import __version__, atomic
 from cifarkit.atomic import atomic_path
 from cifarkit.data import CifarData, DeviceBatches, load_data, normalize_uint8
 from cifarkit.errors import CifarkitError
-from cifarkit.models import MODELS, build_model, count_parameters
+from cifarkit.models import MODELS, DeployedModel, build_model, count_parameters, init_whitening
+from cifarkit.recipes import Recipe, get_recipe
 from cifarkit.spec import IMAGE_SIZE, MEAN, RESIZE_FILTER, RESIZE_MODE, STD
 
 CHECKPOINT_FORMAT = "cifarkit.checkpoint"
@@ -46,16 +47,18 @@ CHECKPOINT_VERSION = 1
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs. The CLI reads its defaults from here; the defaults are the blog's recipe."""
+    """Everything a run needs. The CLI reads its defaults from here; the default recipe is the blog's.
+    Fields left None take the recipe's value (see cifarkit.recipes.RECIPES)."""
 
     data: str | None = None  # "torchvision" | PATH (ImageFolder root or cifar-10-batches-py); None: torchvision,
     #                          or the checkpoint's source when resuming
     data_dir: str | None = None  # downloads and decoded-image cache; None: $CIFARKIT_CACHE or ~/.cache/cifarkit
-    model: str = "blog_cnn"  # a name in cifarkit.models.MODELS
-    epochs: int = 4  # total epochs; with --resume, training continues up to this many
-    batch_size: int = 32  # images per optimizer step
-    lr: float = 1e-3  # Adam learning rate
-    seed: int = 0  # model init and per-epoch shuffling; on CPU the same seed gives the same run
+    recipe: str = "blog"  # a name in cifarkit.recipes.RECIPES: "blog" (the default) or "airbench"
+    model: str | None = None  # a name in cifarkit.models.MODELS; None: the recipe's
+    epochs: float | None = None  # total epochs (fractions allowed); None: the recipe's (blog: 4)
+    batch_size: int | None = None  # images per optimizer step, over all processes; None: the recipe's (blog: 32)
+    lr: float | None = None  # learning rate (see Recipe.lr for its meaning); None: the recipe's (blog: 1e-3)
+    seed: int = 0  # model init, shuffling and augmentation; on CPU the same seed gives the same run
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU) | "cpu" | "cuda" | "cuda:N" | "mps"
     precision: str = "auto"  # "auto" (bf16 autocast where the device has fast bf16) | "fp32" | "bf16"
     channels_last: str = "auto"  # "auto" (on for CPU and CUDA) | "on" | "off"
@@ -63,17 +66,32 @@ class TrainConfig:
     out: str | None = None  # run folder; None: runs/<model>-<timestamp>, or the checkpoint's folder on resume
     resume: str | None = None  # checkpoint.pt to continue from (its recipe is kept; --epochs sets the total)
     eval_batch_size: int = 1000  # images per forward pass when evaluating
+    eval_every: int = 1  # evaluate (without TTA) every this many epochs for the accuracy curve; 0: only at the end
     log_every: int = 500  # batches between plain-text progress lines (the blog printed every 500)
     threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
 
+    def resolved(self) -> TrainConfig:
+        """A copy with every None that the recipe defines filled in, validated."""
+        r = get_recipe(self.recipe)
+        cfg = replace(
+            self,
+            model=self.model or r.model,
+            epochs=self.epochs if self.epochs is not None else r.epochs,
+            batch_size=self.batch_size if self.batch_size is not None else r.batch_size,
+            lr=self.lr if self.lr is not None else r.lr,
+            data=self.data or "torchvision",
+        )
+        cfg.validate()
+        return cfg
+
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise CifarkitError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise CifarkitError(f"--epochs must be a positive number, got {self.epochs:g}")
+        if self.batch_size is not None and self.batch_size < 1:
             raise CifarkitError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise CifarkitError(f"--lr must be a positive number, got {self.lr}")
-        if self.model not in MODELS:
+        if self.model is not None and self.model not in MODELS:
             raise CifarkitError(f"--model: unknown model {self.model!r}, expected one of {', '.join(sorted(MODELS))}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise CifarkitError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
@@ -86,7 +104,7 @@ class TrainConfig:
 
 
 # Fields that define the recipe: a resumed run takes them from the checkpoint, not from the command line.
-RECIPE_FIELDS = ("model", "batch_size", "lr", "seed", "precision", "channels_last")
+RECIPE_FIELDS = ("recipe", "model", "batch_size", "lr", "seed", "precision", "channels_last")
 
 
 @dataclass
@@ -210,17 +228,77 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """Adam, as the blog; the fused kernel where the device has one (same maths, one kernel per step)."""
+def make_optimizer(
+    model: nn.Module, recipe: Recipe, lr: float, batch_size: int, device: torch.device
+) -> torch.optim.Optimizer:
+    """Adam for the blog (the fused kernel where the device has one: same maths, one kernel per step);
+    Nesterov SGD with airbench's decoupled hyperparameters for the strong recipe."""
+    fused = device.type in ("cpu", "cuda", "mps")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "adam":
+        try:
+            return torch.optim.Adam(params, lr=lr, fused=fused)
+        except (RuntimeError, TypeError):
+            return torch.optim.Adam(params, lr=lr)
+    if recipe.optimizer != "sgd_nesterov":
+        raise CifarkitError(f"recipe {recipe.name!r}: unknown optimizer {recipe.optimizer!r}")
+    # airbench: lr and weight decay are given per 1,024 images and decoupled from momentum; PyTorch's SGD
+    # wants them coupled, so convert. BatchNorm biases learn bias_lr_scale times faster, same decay.
+    kilostep_scale = 1024 * (1 + 1 / (1 - recipe.momentum))
+    base_lr = lr / kilostep_scale
+    wd = recipe.weight_decay * batch_size / kilostep_scale
+    bias_lr = base_lr * recipe.bias_lr_scale
+    named = list(model.named_parameters())
+    norm_biases = [p for n, p in named if "norm" in n and p.requires_grad]
+    others = [p for n, p in named if "norm" not in n and (p.requires_grad or n.startswith("whiten.bias"))]
+    groups = [
+        dict(params=norm_biases, lr=bias_lr, weight_decay=wd / bias_lr),
+        dict(params=others, lr=base_lr, weight_decay=wd / base_lr),
+    ]
     try:
-        return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda", "mps"))
+        return torch.optim.SGD(groups, momentum=recipe.momentum, nesterov=True, fused=fused)
     except (RuntimeError, TypeError):
-        return torch.optim.Adam(model.parameters(), lr=lr)
+        return torch.optim.SGD(groups, momentum=recipe.momentum, nesterov=True)
+
+
+def triangle_schedule(total_steps: int, start: float, peak: float, end: float) -> list[float]:
+    """Learning-rate multipliers for steps 0..total_steps: linear from `start` up to 1 at `peak` * total,
+    then linear down to `end` (airbench's schedule)."""
+    xp = [0, int(peak * total_steps), total_steps]
+    return [float(v) for v in np.interp(np.arange(total_steps + 1), xp, [start, 1.0, end])]
+
+
+class Lookahead:
+    """airbench's lookahead: every k steps the weights move to an EMA of themselves whose decay grows as
+    0.95^5 * (step / total)^3, and at the end the EMA replaces the weights. Float state only (BN stats too)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float) -> None:
+        for (_, ema), (_, param) in zip(self.ema.items(), model.state_dict().items(), strict=True):
+            if param.dtype.is_floating_point:
+                ema.lerp_(param, 1 - decay)
+                param.copy_(ema)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Stage functions
 # ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepPlan:
+    """What the loop needs beyond model, data and optimizer: the loss, the schedule and where to stop."""
+
+    loss_fn: nn.Module
+    loss_scale: float = 1.0  # multiplies the loss (world size for summed losses under DDP's gradient mean)
+    lr_factors: list[float] | None = None  # per global step; None: constant
+    lookahead: Lookahead | None = None
+    lookahead_every: int = 0
+    total_steps: int = 0  # global steps over the whole run
+    step: int = 0  # global steps done so far
 
 
 def train_one_epoch(
@@ -230,23 +308,40 @@ def train_one_epoch(
     epoch: int,
     *,
     precision: str = "fp32",
-    on_step: Any = None,  # callable(step, loss_tensor) every step; may be None
+    plan: StepPlan | None = None,
+    on_step: Any = None,  # callable(step, losses_tensor) every step; may be None
 ) -> torch.Tensor:
-    """One pass over `batches`. Returns the per-batch losses as a float32 tensor on the CPU."""
+    """One pass over `batches` (or up to plan.total_steps). Returns per-batch losses (float32, CPU)."""
     model.train()
+    plan = plan or StepPlan(loss_fn=nn.CrossEntropyLoss())
     device = batches.device
     losses = torch.empty(len(batches), dtype=torch.float32, device=device)
-    loss_fn = nn.CrossEntropyLoss()
+    base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
+    done = 0
     for i, (x, y) in enumerate(batches.epoch(epoch)):
+        if plan.total_steps and plan.step >= plan.total_steps:
+            break
+        if plan.lr_factors is not None:
+            for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                g["lr"] = base * plan.lr_factors[plan.step]
         with autocast(device, precision):
-            loss = loss_fn(model(x), y)
+            loss = plan.loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * plan.loss_scale if plan.loss_scale != 1.0 else loss).backward()
         optimizer.step()
-        losses[i] = loss.detach()
+        plan.step += 1
+        if plan.lookahead is not None and plan.step % plan.lookahead_every == 0:
+            plan.lookahead.update(_unwrap(model), decay=0.95**5 * (plan.step / plan.total_steps) ** 3)
+        losses[i] = loss.detach() / (len(y) if plan.loss_fn.reduction == "sum" else 1)
+        done = i + 1
         if on_step is not None:
             on_step(i, losses)
-    return losses.cpu()
+    return losses[:done].cpu()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 @torch.no_grad()
@@ -260,29 +355,31 @@ def evaluate(
     batch_size: int = 1000,
     mean: tuple[float, ...] = MEAN,
     std: tuple[float, ...] = STD,
+    tta: str = "none",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Metrics:
-    """fp32 evaluation of uint8 [N, H, W, 3] images: accuracy, mean loss and per-class accuracy."""
-    model.eval()
-    batches = DeviceBatches(
-        x,
-        y,
-        batch_size=batch_size,
-        device=device,
-        shuffle=False,
-        mean=mean,
-        std=std,
-        channels_last=_is_channels_last(model),
-    )
-    correct = torch.zeros(len(classes), dtype=torch.int64, device=device)
-    total = torch.zeros(len(classes), dtype=torch.int64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for xb, yb in batches.epoch(0):
-        logits = model(xb).float()
-        loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").double()
-        hit = (logits.argmax(1) == yb).long()
-        correct.index_add_(0, yb, hit)
-        total.index_add_(0, yb, torch.ones_like(yb))
-    correct_c, total_c = correct.cpu(), total.cpu()
+    """fp32 evaluation of uint8 [N, H, W, 3] images through the deployed module (normalization and TTA
+    exactly as exported): accuracy, mean loss and per-class accuracy. Under DDP each rank takes a share
+    and the counts are summed over ranks."""
+    deployed = DeployedModel(model, mean, std, tta).to(device).eval()
+    correct = torch.zeros(len(classes), dtype=torch.float64, device=device)
+    total = torch.zeros(len(classes), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
+    share = range(rank * batch_size, len(x), batch_size * world_size)
+    for start in share:
+        xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(device)
+        yb = torch.from_numpy(np.ascontiguousarray(y[start : start + batch_size])).to(device)
+        logits, _ = deployed(xb)
+        loss_sum += nn.functional.cross_entropy(logits.float(), yb, reduction="sum").double()
+        correct.index_add_(0, yb, (logits.argmax(1) == yb).double())
+        total.index_add_(0, yb, torch.ones_like(yb, dtype=torch.float64))
+    if world_size > 1:
+        import torch.distributed as dist
+
+        for t in (correct, total, loss_sum):
+            dist.all_reduce(t)
+    correct_c, total_c = correct.cpu().long(), total.cpu().long()
     n = int(total_c.sum())
     per_class = {
         name: (int(correct_c[i]) / int(total_c[i]) if int(total_c[i]) else float("nan"))
@@ -302,23 +399,15 @@ def predict_logits(
     batch_size: int = 1000,
     mean: tuple[float, ...] = MEAN,
     std: tuple[float, ...] = STD,
+    tta: str = "none",
 ) -> np.ndarray:
     """fp32 logits [N, C] for uint8 [N, H, W, 3] images (the eager reference for parity checks)."""
-    model.eval()
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    out = []
-    for start in range(0, len(x), batch_size):
-        xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(device)
-        out.append(model(normalize_uint8(xb, mean_t, std_t).contiguous()).float().cpu().numpy())
+    deployed = DeployedModel(model, mean, std, tta).to(device).eval()
+    out = [
+        deployed(torch.from_numpy(np.ascontiguousarray(x[s : s + batch_size])).to(device))[0].cpu().numpy()
+        for s in range(0, len(x), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
-def _is_channels_last(model: nn.Module) -> bool:
-    for p in model.parameters():
-        if p.dim() == 4:
-            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-    return False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -405,48 +494,98 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Dist:
+    """Where this process stands in a torchrun job (world_size 1 when run alone)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_from_env() -> Dist:
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    return Dist(rank=int(os.environ["RANK"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world)
+
+
 def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     """Fit a model as `cfg` says, writing the run folder (checkpoint.pt after every epoch, metrics.json and
-    loss.png at the end). Raises CifarkitError on bad input."""
-    rep = reporter or Reporter()
+    loss.png at the end). Under torchrun each process trains on its share of every epoch with
+    DistributedDataParallel (nccl on CUDA, gloo on CPU); only rank 0 reports and writes.
+    Raises CifarkitError on bad input."""
     resumed: dict[str, Any] | None = None
     if cfg.resume:
         resumed = load_checkpoint(cfg.resume)
         saved = resumed.get("train_config", {})
-        for name in RECIPE_FIELDS:
-            if name in saved:
-                setattr(cfg, name, saved[name])
+        cfg = replace(cfg, **{name: saved[name] for name in RECIPE_FIELDS if name in saved})
         if cfg.data is None:
-            cfg.data = saved.get("data")
+            cfg = replace(cfg, data=saved.get("data"))
         if cfg.out is None:
-            cfg.out = str(Path(cfg.resume).parent)
-    cfg.data = cfg.data or "torchvision"
+            cfg = replace(cfg, out=str(Path(cfg.resume).parent))
     cfg.validate()
-    if resumed is not None and resumed.get("epoch", 0) >= cfg.epochs:
+    cfg = cfg.resolved()
+    if resumed is not None and resumed.get("epoch", 0) >= math.ceil(cfg.epochs):
         raise CifarkitError(
             f"--resume: {cfg.resume} already holds {resumed['epoch']} epochs; pass --epochs "
             f"greater than that to train further"
         )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    dist = dist_from_env()
     device = select_device(cfg.device)
+    if dist.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    if cfg.batch_size % dist.world_size:
+        raise CifarkitError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
+    rep = (reporter or Reporter()) if dist.main else Reporter()
     allocator_tuned = tune_cpu_allocator() if device.type == "cpu" else False
     precision = resolve_precision(cfg.precision, device)
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type in ("cpu", "cuda"))
     out_dir = Path(cfg.out or f"runs/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     created = not out_dir.exists()
-    _check_writable(out_dir)
+    if dist.main:
+        _check_writable(out_dir)
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _run(cfg, rep, resumed, device, precision, channels_last, allocator_tuned, out_dir)
+        return _run(cfg, rep, resumed, device, precision, channels_last, allocator_tuned, out_dir, dist)
     except BaseException:
         # A run that fails before its first checkpoint leaves no empty run folder behind.
-        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+        if dist.main and created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
+    finally:
+        if dist.world_size > 1:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
 
 
-def _run(cfg: TrainConfig, rep: Reporter, resumed: dict[str, Any] | None, device: torch.device, precision: str,
-         channels_last: bool, allocator_tuned: bool, out_dir: Path) -> TrainResult:
+def _run(
+    cfg: TrainConfig,
+    rep: Reporter,
+    resumed: dict[str, Any] | None,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    allocator_tuned: bool,
+    out_dir: Path,
+    dist: Dist,
+) -> TrainResult:
+    t_start = time.perf_counter()
+    recipe = get_recipe(cfg.recipe)
     data = load_data(cfg.data, cfg.data_dir)
     rep.data_loaded(data)
     if resumed is not None and list(resumed["class_names"]) != list(data.classes):
@@ -456,19 +595,57 @@ def _run(cfg: TrainConfig, rep: Reporter, resumed: dict[str, Any] | None, device
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=data.num_classes)
+    batches = DeviceBatches(
+        data.train_x,
+        data.train_y,
+        batch_size=cfg.batch_size // dist.world_size,
+        device=device,
+        seed=cfg.seed,
+        mean=recipe.mean,
+        std=recipe.std,
+        channels_last=channels_last,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        translate=recipe.translate,
+        flip=recipe.flip,
+        drop_last=recipe.drop_last,
+    )
+    whiten = getattr(model, "whiten", None)
     if resumed is not None:
         model.load_state_dict(resumed["model_state"])
+    elif isinstance(whiten, nn.Conv2d):
+        # Patch-whitening init from the first 5,000 training images, unaugmented (airbench).
+        first = normalize_uint8(batches.x[:5000], batches.mean, batches.std).contiguous().cpu()
+        init_whitening(whiten, first)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg.lr, device)
+    optimizer = make_optimizer(model, recipe, cfg.lr, cfg.batch_size, device)
     if resumed is not None and resumed.get("optimizer_state"):
         optimizer.load_state_dict(resumed["optimizer_state"])
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model: nn.Module = model
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
 
-    batches = DeviceBatches(
-        data.train_x, data.train_y, batch_size=cfg.batch_size, device=device, seed=cfg.seed, channels_last=channels_last
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        step_model = torch.compile(step_model)
+
+    total_epochs = math.ceil(cfg.epochs)
+    total_steps = math.ceil(len(batches) * cfg.epochs)
+    start_epoch = int(resumed.get("epoch", 0)) if resumed else 0
+    plan = StepPlan(
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing, reduction=recipe.loss_reduction),
+        loss_scale=float(dist.world_size) if recipe.loss_reduction == "sum" else 1.0,
+        lr_factors=triangle_schedule(total_steps, *recipe.schedule) if recipe.schedule else None,
+        lookahead=Lookahead(model) if recipe.lookahead_every else None,
+        lookahead_every=recipe.lookahead_every,
+        total_steps=total_steps,
+        step=min(start_epoch * len(batches), total_steps),
     )
+    if resumed is not None and plan.lookahead is not None and resumed.get("lookahead_state"):
+        plan.lookahead.ema = {k: v.to(device) for k, v in resumed["lookahead_state"].items()}
+
     history = resumed.get("history") if resumed else None
     history = history or {
         "loss": [],
@@ -478,20 +655,21 @@ def _run(cfg: TrainConfig, rep: Reporter, resumed: dict[str, Any] | None, device
         "test_loss": [],
         "elapsed_seconds": [],
     }
-    start_epoch = int(resumed.get("epoch", 0)) if resumed else 0
     info = {
         "device": str(device),
         "precision": precision,
         "channels_last": channels_last,
         "compile": cfg.compile,
         "allocator_tuned": allocator_tuned,
+        "recipe": recipe.name,
         "model": cfg.model,
         "parameters": count_parameters(model),
         "train_images": len(data.train_y),
         "test_images": len(data.test_y),
         "start_epoch": start_epoch,
-        "epochs": cfg.epochs,
+        "epochs": total_epochs,
         "steps_per_epoch": len(batches),
+        "world_size": dist.world_size,
         "out": str(out_dir),
     }
     rep.start(info)
@@ -499,40 +677,71 @@ def _run(cfg: TrainConfig, rep: Reporter, resumed: dict[str, Any] | None, device
     run_seconds: list[float] = []
     metrics: Metrics | None = None
     elapsed = history["elapsed_seconds"][-1] if history["elapsed_seconds"] else 0.0
-    for epoch in range(start_epoch, cfg.epochs):
-        rep.epoch_start(epoch, cfg.epochs, len(batches))
+    eval_kwargs = dict(
+        device=device,
+        batch_size=cfg.eval_batch_size,
+        mean=recipe.mean,
+        std=recipe.std,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+    for epoch in range(start_epoch, total_epochs):
+        rep.epoch_start(epoch, total_epochs, len(batches))
         t0 = time.perf_counter()
-        on_step = _step_reporter(rep, epoch, cfg, len(batches), t0, device)
-        losses = train_one_epoch(step_model, batches, optimizer, epoch, precision=precision, on_step=on_step)
+        if isinstance(whiten, nn.Conv2d) and whiten.bias is not None:
+            whiten.bias.requires_grad_(epoch < recipe.whiten_bias_epochs)
+        on_step = _step_reporter(rep, epoch, total_epochs, cfg, len(batches), t0, device)
+        losses = train_one_epoch(step_model, batches, optimizer, epoch, precision=precision, plan=plan, on_step=on_step)
+        last = epoch + 1 == total_epochs
+        if last and plan.lookahead is not None:
+            plan.lookahead.update(model, decay=1.0)  # the EMA becomes the final weights
         _sync(device)
         seconds = time.perf_counter() - t0
         if not torch.isfinite(losses).all():
             raise CifarkitError(f"training diverged in epoch {epoch + 1} (loss is not finite); lower --lr")
-        metrics = evaluate(model, data.test_x, data.test_y, data.classes, device=device, batch_size=cfg.eval_batch_size)
+        if dist.world_size > 1:
+            import torch.distributed as tdist
+
+            losses = losses.to(device)
+            tdist.all_reduce(losses)
+            losses = (losses / dist.world_size).cpu()
+        images = len(losses) * batches.batch_size * dist.world_size
+        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            # The accuracy curve is measured without TTA (cheap); the final figure with the recipe's TTA.
+            metrics = evaluate(
+                model, data.test_x, data.test_y, data.classes, tta=recipe.tta if last else "none", **eval_kwargs
+            )
+            history["test_accuracy"].append(metrics.accuracy)
+            history["test_loss"].append(metrics.loss)
+        else:
+            history["test_accuracy"].append(None)
+            history["test_loss"].append(None)
         elapsed += time.perf_counter() - t0
         run_seconds.append(seconds)
         history["loss"].extend(float(v) for v in losses.tolist())
         history["epoch_seconds"].append(seconds)
-        history["images_per_second"].append(batches.per_rank / seconds)
-        history["test_accuracy"].append(metrics.accuracy)
-        history["test_loss"].append(metrics.loss)
+        history["images_per_second"].append(images / seconds)
         history["elapsed_seconds"].append(elapsed)
-        state = _checkpoint_state(cfg, model, optimizer, data, epoch + 1, history, metrics, info)
-        save_checkpoint(out_dir / "checkpoint.pt", state)
+        if dist.main:
+            state = _checkpoint_state(cfg, recipe, model, optimizer, plan, data, epoch + 1, history, metrics, info)
+            save_checkpoint(out_dir / "checkpoint.pt", state)
         rep.epoch_end(
             epoch,
-            cfg.epochs,
+            total_epochs,
             {
                 "seconds": seconds,
                 "train_loss": float(losses.mean()),
-                "test_accuracy": metrics.accuracy,
-                "test_loss": metrics.loss,
-                "images_per_second": batches.per_rank / seconds,
+                "images_per_second": images / seconds,
+                "test_accuracy": history["test_accuracy"][-1],
+                "test_loss": history["test_loss"][-1],
+                "tta": recipe.tta if last else "none",
+                "elapsed": elapsed,
             },
         )
 
-    assert metrics is not None  # cfg.epochs > start_epoch was checked above
+    assert metrics is not None  # the last epoch always evaluates, and at least one epoch ran
     summary = {
+        "recipe": recipe.name,
         "model": cfg.model,
         "parameters": info["parameters"],
         "data": data.source,
@@ -540,32 +749,36 @@ def _run(cfg: TrainConfig, rep: Reporter, resumed: dict[str, Any] | None, device
         "classes": list(data.classes),
         "epochs": cfg.epochs,
         "test": metrics.to_dict(),
+        "tta": recipe.tta,
         "loss_per_batch": history["loss"],
         "epoch_seconds": history["epoch_seconds"],
         "images_per_second": history["images_per_second"],
         "test_accuracy_per_epoch": history["test_accuracy"],
         "elapsed_seconds_per_epoch": history["elapsed_seconds"],
+        "total_seconds": time.perf_counter() - t_start,
         "device": str(device),
         "precision": precision,
         "channels_last": channels_last,
         "compile": cfg.compile,
-        "optimizer": "Adam (fused)" if optimizer.defaults.get("fused") else "Adam",
+        "optimizer": type(optimizer).__name__ + (" (fused)" if optimizer.defaults.get("fused") else ""),
         "threads": torch.get_num_threads(),
         "allocator_tuned": allocator_tuned,
+        "world_size": dist.world_size,
         "data_load_seconds": data.load_seconds,
         "data_from_cache": data.from_cache,
         "resumed_from_epoch": start_epoch if resumed else None,
         "train_config": asdict(cfg),
         "versions": versions(),
     }
-    atomic.write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
-    plot_loss(history["loss"], out_dir / "loss.png", steps_per_epoch=len(batches))
+    if dist.main:
+        atomic.write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+        plot_loss(history["loss"], out_dir / "loss.png", steps_per_epoch=len(batches))
     ips = sorted(history["images_per_second"][start_epoch:])
     return TrainResult(
         out_dir=out_dir,
         checkpoint=out_dir / "checkpoint.pt",
         metrics=metrics,
-        epochs_run=cfg.epochs - start_epoch,
+        epochs_run=total_epochs - start_epoch,
         epoch_seconds=run_seconds,
         images_per_second=ips[len(ips) // 2],
         device=str(device),
@@ -575,7 +788,9 @@ def _run(cfg: TrainConfig, rep: Reporter, resumed: dict[str, Any] | None, device
     )
 
 
-def _step_reporter(rep: Reporter, epoch: int, cfg: TrainConfig, steps: int, t0: float, device: torch.device):
+def _step_reporter(
+    rep: Reporter, epoch: int, epochs: int, cfg: TrainConfig, steps: int, t0: float, device: torch.device
+):
     """Calls rep.step every `every` batches with the mean loss since the last call. On CPU reading the loss
     costs nothing; on a GPU it syncs, so it happens at most every 50 batches."""
     wanted = getattr(rep, "every", None) or cfg.log_every
@@ -587,7 +802,7 @@ def _step_reporter(rep: Reporter, epoch: int, cfg: TrainConfig, steps: int, t0: 
             window = losses[last[0] : i + 1]
             last[0] = i + 1
             rate = (i + 1) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
-            rep.step(epoch, cfg.epochs, i + 1, steps, float(window.mean()), rate)
+            rep.step(epoch, epochs, i + 1, steps, float(window.mean()), rate)
 
     return on_step
 
@@ -601,17 +816,19 @@ def _sync(device: torch.device) -> None:
 
 def _checkpoint_state(
     cfg: TrainConfig,
+    recipe: Recipe,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    plan: StepPlan,
     data: CifarData,
     epoch: int,
-    history: dict[str, list[float]],
-    metrics: Metrics,
+    history: dict[str, list],
+    metrics: Metrics | None,
     info: dict[str, Any],
 ) -> dict[str, Any]:
-    model_state = {
-        k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone() for k, v in model.state_dict().items()
-    }
+    def cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone() for k, v in tensors.items()}
+
     return {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
@@ -619,19 +836,23 @@ def _checkpoint_state(
         "model_kwargs": {},
         "class_names": list(data.classes),
         "image_size": list(IMAGE_SIZE),
-        "mean": list(MEAN),
-        "std": list(STD),
+        "mean": list(recipe.mean),
+        "std": list(recipe.std),
         "resize_mode": RESIZE_MODE,
         "resize_filter": RESIZE_FILTER,
+        "tta": recipe.tta,
+        "recipe": asdict(recipe),
         "train_config": asdict(cfg),
         "epoch": epoch,
-        "model_state": model_state,
+        "model_state": cpu(model.state_dict()),
         "optimizer_state": optimizer.state_dict(),
+        "lookahead_state": cpu(plan.lookahead.ema) if plan.lookahead is not None else None,
         "history": history,
-        "metrics": metrics.to_dict(),
+        "metrics": metrics.to_dict() if metrics is not None else None,
         "data_source": data.source,
         "precision": info["precision"],
         "device": info["device"],
+        "world_size": info["world_size"],
         "versions": versions(),
     }
 

@@ -1,6 +1,6 @@
 """`cifar-export`: checkpoint -> verified model.onnx, model.pt and model.json.
 
-    cifar-export runs/blog/checkpoint.pt --format all --out runs/blog
+cifar-export runs/blog/checkpoint.pt --format all --out runs/blog
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def main(
             from cifarkit.data import load_data
 
             images = load_data(data, data_dir).test_x
-        return export(checkpoint, out if out is not None else checkpoint.parent, formats=formats, opset=opset,
-                      images=images)
+        return export(
+            checkpoint, out if out is not None else checkpoint.parent, formats=formats, opset=opset, images=images
+        )
 
     result = guarded(run, debug=debug)
     for note in result.notes:

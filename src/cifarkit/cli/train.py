@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from cifarkit.cli import guarded, make_app
+from cifarkit.recipes import RECIPES
 from cifarkit.train import TrainConfig
 
 app = make_app("Train a CNN on CIFAR-10 (the blog's recipe by default) and write a run folder.")
@@ -32,10 +33,26 @@ def main(
         "--data-dir",
         help="Download and decoded-image cache folder [default: $CIFARKIT_CACHE or ~/.cache/cifarkit].",
     ),
-    model: str = typer.Option(D.model, "--model", help="Model name (see cifarkit.models.MODELS)."),
-    epochs: int = typer.Option(D.epochs, "--epochs", help="Total epochs."),
-    batch_size: int = typer.Option(D.batch_size, "--batch-size", help="Images per optimizer step."),
-    lr: float = typer.Option(D.lr, "--lr", help="Adam learning rate."),
+    recipe: str = typer.Option(
+        D.recipe,
+        "--recipe",
+        help="Training recipe: " + "; ".join(f"{name}: {r.summary}" for name, r in RECIPES.items()),
+    ),
+    model: str = typer.Option(D.model, "--model", help="Model name [default: the recipe's]."),
+    epochs: float = typer.Option(
+        D.epochs,
+        "--epochs",
+        help=f"Total epochs, fractions allowed [default: the recipe's; blog: {RECIPES['blog'].epochs}].",
+    ),
+    batch_size: int = typer.Option(
+        D.batch_size,
+        "--batch-size",
+        help="Images per optimizer step, over all "
+        f"processes [default: the recipe's; blog: {RECIPES['blog'].batch_size}].",
+    ),
+    lr: float = typer.Option(
+        D.lr, "--lr", help=f"Learning rate [default: the recipe's; blog: Adam {RECIPES['blog'].lr:g}]."
+    ),
     seed: int = typer.Option(D.seed, "--seed", help="Seed for init and shuffling."),
     device: str = typer.Option(D.device, "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps."),
     precision: str = typer.Option(D.precision, "--precision", help="auto, fp32 or bf16 (autocast)."),
@@ -132,9 +149,12 @@ class _LineReporter:
         self._say(f"Epoch [{epoch + 1}/{epochs}], Batch [{step}/{steps}], Loss: {loss:.4f}")
 
     def epoch_end(self, epoch: int, epochs: int, stats: dict[str, Any]) -> None:
+        acc = stats["test_accuracy"]
+        tta = f" (TTA {stats['tta']})" if stats.get("tta", "none") != "none" else ""
+        acc_text = f", test accuracy {100 * acc:.2f} %{tta}" if acc is not None else ""
         self._say(
             f"Epoch [{epoch + 1}/{epochs}] done in {stats['seconds']:.2f} s "
-            f"({stats['images_per_second']:,.0f} images/s), test accuracy {100 * stats['test_accuracy']:.2f} %"
+            f"({stats['images_per_second']:,.0f} images/s){acc_text}, {stats['elapsed']:.1f} s elapsed"
         )
 
     def close(self) -> None: ...
