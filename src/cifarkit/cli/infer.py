@@ -131,7 +131,7 @@ class _Run:
 
         # The rows stream into a temporary file beside OUTPUT, renamed over it at the end: an interrupted
         # or crashed run leaves the old file (or none), never half of one.
-        with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
             stats = self._stream(f, to_terminal=False)
         return stats
 
@@ -181,7 +181,11 @@ class _StdoutProxy:
     """sys.stdout looked up on every write: a progress bar (or a test runner) may swap it during the run."""
 
     def write(self, text: str) -> int:
-        return sys.stdout.write(text)
+        try:
+            return sys.stdout.write(text)
+        except UnicodeEncodeError:  # a file name that is not valid UTF-8 (or not in the terminal's encoding)
+            enc = sys.stdout.encoding or "utf-8"
+            return sys.stdout.write(text.encode(enc, "backslashreplace").decode(enc))
 
     def flush(self) -> None:
         sys.stdout.flush()
