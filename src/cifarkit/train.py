@@ -130,6 +130,7 @@ class TrainResult:
     precision: str
     channels_last: bool
     summary: dict[str, Any] = field(default_factory=dict)  # what metrics.json holds
+    rank: int = 0  # this process's rank under torchrun (0 alone); only rank 0 writes and reports
 
 
 class Reporter:
@@ -785,6 +786,7 @@ def _run(
         precision=precision,
         channels_last=channels_last,
         summary=summary,
+        rank=dist.rank,
     )
 
 

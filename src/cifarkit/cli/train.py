@@ -5,6 +5,7 @@ cifar-train --data ~/data/cifar10-jpeg --out runs/blog
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
@@ -72,6 +73,7 @@ def main(
     cfg = TrainConfig(
         data=data,
         data_dir=data_dir,
+        recipe=recipe,
         model=model,
         epochs=epochs,
         batch_size=batch_size,
@@ -88,12 +90,14 @@ def main(
     if progress not in ("auto", "bar", "lines", "none"):
         guarded(lambda: _bad("--progress must be auto, bar, lines or none"), debug=debug)
     use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
-    reporter = _BarReporter() if use_bar else _LineReporter(quiet=progress == "none")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
+    reporter = _BarReporter() if use_bar and main_rank else _LineReporter(quiet=progress == "none" or not main_rank)
     try:
         result = guarded(lambda: train(cfg, reporter), debug=debug)
     finally:
         reporter.close()
-    _print_results(result)
+    if result.rank == 0:
+        _print_results(result)
 
 
 def _bad(msg: str):
