@@ -34,9 +34,10 @@ from cifarkit.errors import CifarkitError
 from cifarkit.preprocess import IMAGE_EXTENSIONS, ImageError, load_image, preprocess
 from cifarkit.spec import INPUT_NAME, OUTPUT_NAMES, ArtifactMeta
 
-# Images per onnxruntime call and per decoding task. Measured on 2 cores (bench/infer_speed.py, 10,000 32x32
-# JPEGs): 64 to 256 are within noise of each other end to end; below 32 the per-call overhead shows, and
-# smaller batches keep both decoding threads busy on short runs and the first results early.
+# Images per onnxruntime call and per decoding task. Measured on the 2 shared cores of the development machine
+# (5,000 real test JPEGs, 3 decoding threads): 310-330 us of CPU per image at batch 16-32, 175-235 us at 64-512,
+# where the differences were within the noise. 128 rather than 512: a short run still splits into enough
+# batches to keep every decoding thread busy, and the first rows come out sooner.
 DEFAULT_BATCH_SIZE = 128
 MODEL_ENV = "CIFARKIT_MODEL"  # where the CLI looks for a model when --model is not given
 DEFAULT_MODEL_NAME = "model.onnx"
@@ -44,8 +45,8 @@ DEFAULT_MODEL_NAME = "model.onnx"
 
 def default_threads() -> int:
     """Decoding threads: one per core plus one, so that a thread blocked on file I/O leaves no core idle.
-    Pillow's JPEG header parsing holds the GIL, so more threads than that gain nothing (measured: 1 thread
-    6,700, 2 threads 8,500, 3 threads 9,300, 4 threads 9,100 images/s on 2 cores)."""
+    Pillow's JPEG header parsing holds the GIL, so more threads than that gain nothing (decoding alone, 32x32
+    JPEGs on 2 cores: 1 thread 6,700, 2 threads 8,500, 3 threads 9,300, 4 threads 9,100 images/s)."""
     return min(8, (os.cpu_count() or 1) + 1)
 
 
@@ -480,8 +481,10 @@ def _session_options(intra_op_threads: int | None) -> Any:
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: onnxruntime's warnings are not the user's business
-    # Two threads for the convolutions by default; more gain nothing for a 5.7 MFLOP model at batch 128 and
-    # take cores from the decoding threads. Spinning workers would burn those cores too, so they sleep.
+    # onnxruntime's default is one spinning thread per core. Here at most 2, and sleeping rather than spinning
+    # between calls: the model costs ~70 us of CPU per image (5.7 MFLOP), about as much as decoding it, and
+    # spinning threads would take the cores the decoding threads need (measured end to end on 5,000 JPEGs:
+    # 215 us of CPU per image without spinning, 270 us with it, and 10-30 % fewer images/s).
     opts.intra_op_num_threads = intra_op_threads if intra_op_threads is not None else min(2, os.cpu_count() or 1)
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
