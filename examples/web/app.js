@@ -103,7 +103,9 @@ async function classify(file) {
     // For tests and the curious: the exact model input and output of the last image.
     window.cifarkitDemo = { input, probabilities: Array.from(probabilities), image: file.name, width, height };
   } catch (err) {
+    // No stale answer beside an image that could not be read: the error line says it all.
     $('result').dataset.state = 'error';
+    $('result').hidden = true;
     showError(`${file.name}: cannot classify this file (${err.message || err}).`);
   } finally {
     $('drop-zone').dataset.state = 'idle';
@@ -165,13 +167,16 @@ function showError(message) {
 // Wiring
 // ---------------------------------------------------------------------------------------------------------
 
-function firstImage(files) {
-  return Array.from(files ?? []).find((f) => f.type.startsWith('image/') || f.type === '') ?? null;
+/** The first file, if it may be an image (an empty type: the browser does not know; let the decoder try). */
+function takeImage(files) {
+  const file = files?.[0];
+  if (!file) return;
+  if (file.type && !file.type.startsWith('image/')) showError(`${file.name} is not an image (${file.type}).`);
+  else classify(file);
 }
 
 $('image-input').addEventListener('change', (e) => {
-  const file = firstImage(e.target.files);
-  if (file) classify(file);
+  takeImage(e.target.files);
   e.target.value = ''; // choosing the same file again classifies it again
 });
 
@@ -186,14 +191,9 @@ zone.addEventListener('dragleave', () => (zone.dataset.state = 'idle'));
 zone.addEventListener('drop', (e) => {
   e.preventDefault();
   zone.dataset.state = 'idle';
-  const file = firstImage(e.dataTransfer?.files);
-  if (file) classify(file);
-  else showError('That was not an image file.');
+  takeImage(e.dataTransfer?.files);
 });
-document.addEventListener('paste', (e) => {
-  const file = firstImage(e.clipboardData?.files);
-  if (file) classify(file);
-});
+document.addEventListener('paste', (e) => takeImage(e.clipboardData?.files));
 
 $('model-file').addEventListener('change', async (e) => {
   const file = e.target.files?.[0];
