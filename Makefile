@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 RUN    ?= runs/demo
 DATA   ?= $(if $(CIFARKIT_DATA),$(CIFARKIT_DATA),torchvision)
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint clean
 
 venv: $(STAMP)
 
@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The main job: train the blog recipe, export verified artifacts, classify a few test images with them.
 demo: $(STAMP)
 	$(BIN)/cifar-train --data "$(DATA)" --out $(RUN)
+	$(BIN)/cifar-export $(RUN)/checkpoint.pt --out $(RUN) --format all
+	$(BIN)/python scripts/demo_images.py --data "$(DATA)" --out $(RUN)/samples --count 20
+	$(BIN)/cifar-infer $(RUN)/samples --model $(RUN)/model.onnx
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -66,7 +66,8 @@ class TrainConfig:
     out: str | None = None  # run folder; None: runs/<model>-<timestamp>, or the checkpoint's folder on resume
     resume: str | None = None  # checkpoint.pt to continue from (its recipe is kept; --epochs sets the total)
     eval_batch_size: int = 1000  # images per forward pass when evaluating
-    eval_every: int = 1  # evaluate (without TTA) every this many epochs for the accuracy curve; 0: only at the end
+    eval_every: int = 1  # epochs between test evaluations for the accuracy curve (no TTA, training precision);
+    #                      0: only the final one (fp32, the recipe's TTA: what the exported model gives)
     log_every: int = 500  # batches between plain-text progress lines (the blog printed every 500)
     threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
 
@@ -357,12 +358,13 @@ def evaluate(
     mean: tuple[float, ...] = MEAN,
     std: tuple[float, ...] = STD,
     tta: str = "none",
+    precision: str = "fp32",
     rank: int = 0,
     world_size: int = 1,
 ) -> Metrics:
-    """fp32 evaluation of uint8 [N, H, W, 3] images through the deployed module (normalization and TTA
-    exactly as exported): accuracy, mean loss and per-class accuracy. Under DDP each rank takes a share
-    and the counts are summed over ranks."""
+    """Evaluate uint8 [N, H, W, 3] images through the deployed module (normalization and TTA exactly as
+    exported; fp32 unless `precision` says otherwise): accuracy, mean loss and per-class accuracy. Under DDP
+    each rank takes a share and the counts are summed over ranks."""
     deployed = DeployedModel(model, mean, std, tta).to(device).eval()
     correct = torch.zeros(len(classes), dtype=torch.float64, device=device)
     total = torch.zeros(len(classes), dtype=torch.float64, device=device)
@@ -371,7 +373,8 @@ def evaluate(
     for start in share:
         xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(device)
         yb = torch.from_numpy(np.ascontiguousarray(y[start : start + batch_size])).to(device)
-        logits, _ = deployed(xb)
+        with autocast(device, precision):
+            logits, _ = deployed(xb)
         loss_sum += nn.functional.cross_entropy(logits.float(), yb, reduction="sum").double()
         correct.index_add_(0, yb, (logits.argmax(1) == yb).double())
         total.index_add_(0, yb, torch.ones_like(yb, dtype=torch.float64))
@@ -708,9 +711,16 @@ def _run(
             losses = (losses / dist.world_size).cpu()
         images = len(losses) * batches.batch_size * dist.world_size
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            # The accuracy curve is measured without TTA (cheap); the final figure with the recipe's TTA.
+            # The accuracy curve is cheap: no TTA, the training precision. The final figure is what the
+            # exported model gives: fp32 with the recipe's TTA.
             metrics = evaluate(
-                model, data.test_x, data.test_y, data.classes, tta=recipe.tta if last else "none", **eval_kwargs
+                model,
+                data.test_x,
+                data.test_y,
+                data.classes,
+                tta=recipe.tta if last else "none",
+                precision="fp32" if last else precision,
+                **eval_kwargs,
             )
             history["test_accuracy"].append(metrics.accuracy)
             history["test_loss"].append(metrics.loss)

@@ -18,7 +18,7 @@ app = make_app("Export a checkpoint to ONNX and TorchScript, verified against th
 def main(
     checkpoint: Path = typer.Argument(..., help="checkpoint.pt written by cifar-train."),
     format: str = typer.Option("all", "--format", "-f", help="onnx, torchscript or all."),
-    out: Path = typer.Option(None, "--out", "-o", help="Output folder [default: the checkpoint's folder]."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: the checkpoint's folder)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset version."),
     data: str = typer.Option(
         None,

@@ -32,27 +32,27 @@ def main(
     data_dir: str = typer.Option(
         D.data_dir,
         "--data-dir",
-        help="Download and decoded-image cache folder [default: $CIFARKIT_CACHE or ~/.cache/cifarkit].",
+        help="Download and decoded-image cache folder (default: $CIFARKIT_CACHE or ~/.cache/cifarkit).",
     ),
     recipe: str = typer.Option(
         D.recipe,
         "--recipe",
         help="Training recipe: " + "; ".join(f"{name}: {r.summary}" for name, r in RECIPES.items()),
     ),
-    model: str = typer.Option(D.model, "--model", help="Model name [default: the recipe's]."),
+    model: str = typer.Option(D.model, "--model", help="Model name (default: the recipe's)."),
     epochs: float = typer.Option(
         D.epochs,
         "--epochs",
-        help=f"Total epochs, fractions allowed [default: the recipe's; blog: {RECIPES['blog'].epochs}].",
+        help=f"Total epochs, fractions allowed (default: the recipe's; blog: {RECIPES['blog'].epochs:g}).",
     ),
     batch_size: int = typer.Option(
         D.batch_size,
         "--batch-size",
         help="Images per optimizer step, over all "
-        f"processes [default: the recipe's; blog: {RECIPES['blog'].batch_size}].",
+        f"processes (default: the recipe's; blog: {RECIPES['blog'].batch_size}).",
     ),
     lr: float = typer.Option(
-        D.lr, "--lr", help=f"Learning rate [default: the recipe's; blog: Adam {RECIPES['blog'].lr:g}]."
+        D.lr, "--lr", help=f"Learning rate (default: the recipe's; blog: Adam {RECIPES['blog'].lr:g})."
     ),
     seed: int = typer.Option(D.seed, "--seed", help="Seed for init and shuffling."),
     device: str = typer.Option(D.device, "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps."),
@@ -60,10 +60,13 @@ def main(
     channels_last: str = typer.Option(D.channels_last, "--channels-last", help="auto, on or off."),
     compile: bool = typer.Option(D.compile, "--compile/--no-compile", help="torch.compile the model."),
     out: str = typer.Option(
-        D.out, "--out", help="Run folder [default: runs/<model>-<time>; the checkpoint's folder with --resume]."
+        D.out, "--out", help="Run folder (default: runs/<model>-<time>; the checkpoint's folder with --resume)."
     ),
     resume: str = typer.Option(D.resume, "--resume", help="checkpoint.pt to continue from; --epochs is the total."),
-    threads: int = typer.Option(D.threads, "--threads", help="Torch CPU threads [default: one per core]."),
+    eval_every: int = typer.Option(
+        D.eval_every, "--eval-every", help="Epochs between test evaluations for the accuracy curve; 0: only the final."
+    ),
+    threads: int = typer.Option(D.threads, "--threads", help="Torch CPU threads (default: one per core)."),
     progress: str = typer.Option("auto", "--progress", help="auto (bar on a terminal), bar, lines or none."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -86,6 +89,7 @@ def main(
         out=out,
         resume=resume,
         threads=threads,
+        eval_every=eval_every,
     )
     if progress not in ("auto", "bar", "lines", "none"):
         guarded(lambda: _bad("--progress must be auto, bar, lines or none"), debug=debug)
