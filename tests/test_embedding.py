@@ -3,10 +3,13 @@
 - examples/node: onnxruntime-node + sharp; its predictions must equal cifar-infer's (same labels,
   probabilities within 1e-4) and its model input must equal cifarkit.preprocess.load_image's pixel for pixel.
 - examples/web: onnxruntime-web in Debian's headless Chromium, driven by playwright-core through the file
-  input; the shown top-1 label must equal cifar-infer's, and the model input Pillow's.
+  input; the shown top 3 labels must equal cifar-infer's, and the model input Pillow's.
 
 Needs node >= 20.9 and `scripts/setup-embedding.sh` (npm packages, Chromium). Without them these tests skip,
 except under CI=true, where a missing tool is a failure: CI must not go green by skipping them.
+Optional: CIFARKIT_DATA adds 100 real CIFAR-10 test JPEGs; CIFARKIT_TEST_MODEL runs everything against another
+model.onnx (e.g. one trained on the real data); CIFARKIT_SCREENSHOT_DIR receives a copy of the page's
+screenshot; CHROMIUM names another browser binary.
 """
 
 from __future__ import annotations
