@@ -96,6 +96,7 @@ class AirbenchNet(nn.Module):
         whiten_width = 2 * 3 * 2 * 2  # +/- each eigenvector of the 12-dim 2x2x3 patch covariance
         self.whiten = nn.Conv2d(3, whiten_width, kernel_size=2, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
+        nn.init.zeros_(self.whiten.bias)
         self.block1 = _ConvGroup(whiten_width, widths[0], bn_momentum)
         self.block2 = _ConvGroup(widths[0], widths[1], bn_momentum)
         self.block3 = _ConvGroup(widths[1], widths[2], bn_momentum)
