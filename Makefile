@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 RUN    ?= runs/demo
 DATA   ?= $(if $(CIFARKIT_DATA),$(CIFARKIT_DATA),torchvision)
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint clean embedding
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+
+# npm packages for examples/node and examples/web, and Debian's Chromium: what tests/test_embedding.py needs.
+embedding:
+	bash scripts/setup-embedding.sh
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
