@@ -109,24 +109,16 @@ def test_export_cli_bad_input(tmp_path, trained_run, case, message):
         assert not out.exists()
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
-def test_torchrun_two_processes_with_gloo(tmp_path, batches_py):
-    """DDP on CPU: two ranks each train on half of every epoch; rank 0 alone prints and writes one run."""
-    out = tmp_path / "ddp"
+def _torchrun(args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
+    return subprocess.run(
         [
             BIN / "torchrun",
             "--nproc_per_node=2",
             "--master_port",
             str(29500 + os.getpid() % 1000),
             BIN / "cifar-train",
-            "--data",
-            batches_py,
-            "--epochs",
-            "2",
-            "--out",
-            out,
+            *args,
             "--device",
             "cpu",
             "--progress",
@@ -136,9 +128,16 @@ def test_torchrun_two_processes_with_gloo(tmp_path, batches_py):
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         env=env,
     )
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
+def test_torchrun_two_processes_with_gloo(tmp_path, batches_py):
+    """DDP on CPU: two ranks each train on half of every epoch; rank 0 alone prints and writes one run."""
+    out = tmp_path / "ddp"
+    proc = _torchrun(["--data", batches_py, "--epochs", "2", "--out", out])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Accuracy of the network on the 200 test images") == 1  # counts summed over ranks
     metrics = json.loads((out / "metrics.json").read_text())
@@ -148,3 +147,16 @@ def test_torchrun_two_processes_with_gloo(tmp_path, batches_py):
     assert metrics["test"]["count"] == 200
     assert metrics["test"]["accuracy"] > 0.5
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "loss.png", "metrics.json"]
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
+def test_torchrun_airbench_past_the_whitening_bias_freeze(tmp_path, batches_py):
+    """The strong recipe under DDP, across epoch 3 where the whitening bias stops learning."""
+    out = tmp_path / "ddp-airbench"
+    proc = _torchrun(
+        ["--data", batches_py, "--recipe", "airbench", "--epochs", "3.5", "--batch-size", "128", "--out", out]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["tta"] == "hflip_translate"
+    assert metrics["test"]["accuracy"] > 0.5

@@ -250,13 +250,20 @@ def make_optimizer(
     base_lr = lr / kilostep_scale
     wd = recipe.weight_decay * batch_size / kilostep_scale
     bias_lr = base_lr * recipe.bias_lr_scale
-    named = list(model.named_parameters())
-    norm_biases = [p for n, p in named if "norm" in n and p.requires_grad]
-    others = [p for n, p in named if "norm" not in n and (p.requires_grad or n.startswith("whiten.bias"))]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    norm_biases = [p for n, p in named if "norm" in n]
+    whiten_bias = [p for n, p in named if n == "whiten.bias"]
+    others = [p for n, p in named if "norm" not in n and n != "whiten.bias"]
     groups = [
         dict(params=norm_biases, lr=bias_lr, weight_decay=wd / bias_lr),
         dict(params=others, lr=base_lr, weight_decay=wd / base_lr),
     ]
+    if whiten_bias:
+        # airbench trains the whitening bias for the first few epochs only. Its learning rate drops to 0
+        # then (same trajectory as freezing it, and DistributedDataParallel keeps seeing every gradient).
+        groups.append(
+            dict(params=whiten_bias, lr=base_lr, weight_decay=wd / base_lr, train_epochs=recipe.whiten_bias_epochs)
+        )
     try:
         return torch.optim.SGD(groups, momentum=recipe.momentum, nesterov=True, fused=fused)
     except (RuntimeError, TypeError):
@@ -323,9 +330,10 @@ def train_one_epoch(
     for i, (x, y) in enumerate(batches.epoch(epoch)):
         if plan.total_steps and plan.step >= plan.total_steps:
             break
-        if plan.lr_factors is not None:
-            for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                g["lr"] = base * plan.lr_factors[plan.step]
+        factor = plan.lr_factors[plan.step] if plan.lr_factors is not None else 1.0
+        for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            frozen = g.get("train_epochs") is not None and epoch >= g["train_epochs"]
+            g["lr"] = 0.0 if frozen else base * factor
         with autocast(device, precision):
             loss = plan.loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
@@ -692,8 +700,6 @@ def _run(
     for epoch in range(start_epoch, total_epochs):
         rep.epoch_start(epoch, total_epochs, len(batches))
         t0 = time.perf_counter()
-        if isinstance(whiten, nn.Conv2d) and whiten.bias is not None:
-            whiten.bias.requires_grad_(epoch < recipe.whiten_bias_epochs)
         on_step = _step_reporter(rep, epoch, total_epochs, cfg, len(batches), t0, device)
         losses = train_one_epoch(step_model, batches, optimizer, epoch, precision=precision, plan=plan, on_step=on_step)
         last = epoch + 1 == total_epochs

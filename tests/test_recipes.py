@@ -1,0 +1,105 @@
+"""The strong recipe's parts: schedule, lookahead, augmentation, whitening, and a short run end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from cifarkit.data import DeviceBatches
+from cifarkit.errors import CifarkitError
+from cifarkit.export import export
+from cifarkit.models import AirbenchNet, count_parameters, init_whitening
+from cifarkit.recipes import RECIPES, get_recipe
+from cifarkit.train import Lookahead, TrainConfig, load_checkpoint, predict_logits, train, triangle_schedule
+from conftest import synthetic_images
+
+
+def test_triangle_schedule():
+    f = triangle_schedule(100, 0.2, 0.23, 0.07)
+    assert len(f) == 101
+    assert f[0] == pytest.approx(0.2) and f[23] == pytest.approx(1.0) and f[100] == pytest.approx(0.07)
+    assert max(f) == pytest.approx(1.0) and np.argmax(f) == 23
+    assert all(a <= b for a, b in zip(f[:23], f[1:24], strict=True))  # rises, then falls
+    assert all(a >= b for a, b in zip(f[23:-1], f[24:], strict=True))
+
+
+def test_lookahead_moves_weights_towards_their_average():
+    model = torch.nn.Linear(3, 2)
+    look = Lookahead(model)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    look.update(model, decay=0.75)  # EMA = 0.75 * start + 0.25 * (start + 1)
+    torch.testing.assert_close(model.weight.detach(), start + 0.25)
+    torch.testing.assert_close(look.ema["weight"], start + 0.25)
+
+
+def test_translate_and_flip_augmentation():
+    x, y = synthetic_images(64, seed=2)
+    b = DeviceBatches(x, y, batch_size=64, device=torch.device("cpu"), translate=2, flip=True, shuffle=False)
+    padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
+    for epoch in (0, 1):
+        out = b.images(epoch).numpy()
+        for i in range(len(x)):
+            views = [padded[i, 2 + sy : 34 + sy, 2 + sx : 34 + sx] for sy in range(-2, 3) for sx in range(-2, 3)]
+            views += [v[:, ::-1] for v in views]
+            assert any(np.array_equal(out[i], v) for v in views)
+    # Flipping alternates: an image flipped in epoch 0 is not flipped in epoch 1, and vice versa.
+    no_shift = DeviceBatches(x, y, batch_size=64, device=torch.device("cpu"), flip=True, shuffle=False)
+    e0, e1 = no_shift.images(0).numpy(), no_shift.images(1).numpy()
+    flipped0 = [not np.array_equal(e0[i], x[i]) for i in range(len(x))]
+    flipped1 = [not np.array_equal(e1[i], x[i]) for i in range(len(x))]
+    assert 10 < sum(flipped0) < 54
+    assert all(a != b for a, b in zip(flipped0, flipped1, strict=True))
+
+
+def test_whitening_init_decorrelates_patches():
+    torch.manual_seed(0)
+    images = torch.randn(200, 3, 32, 32).cumsum(-1) / 10  # strongly correlated neighbouring pixels
+    net = AirbenchNet()
+    init_whitening(net.whiten, images)
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(images, net.whiten.weight[:12])  # the + half of the filters
+    flat = out.permute(1, 0, 2, 3).reshape(12, -1)
+    cov = torch.cov(flat)
+    off_diagonal = cov - torch.diag(torch.diag(cov))
+    assert off_diagonal.abs().max() < 0.05 * torch.diag(cov).max()
+    assert count_parameters(net) == 1_972_792
+
+
+def test_recipe_table():
+    assert RECIPES["blog"].epochs == 4 and RECIPES["blog"].batch_size == 32 and RECIPES["blog"].lr == 1e-3
+    assert RECIPES["airbench"].tta == "hflip_translate"
+    with pytest.raises(CifarkitError, match="unknown recipe"):
+        get_recipe("nope")
+
+
+def test_short_airbench_run_exports_with_tta_inside(tmp_path, batches_py):
+    result = train(
+        TrainConfig(
+            data=str(batches_py), recipe="airbench", epochs=1.5, batch_size=128, out=str(tmp_path / "run"), device="cpu"
+        )
+    )
+    assert result.metrics.accuracy > 0.5  # chance is 0.1
+    state = load_checkpoint(result.checkpoint)
+    assert state["tta"] == "hflip_translate" and state["model_name"] == "airbench"
+    assert len(state["history"]["loss"]) == 11  # ceil(7 steps an epoch * 1.5); the last batch is dropped
+    exported = export(result.checkpoint, tmp_path / "art", formats=("onnx",), verify_count=16)
+    assert exported.meta.tta == "hflip_translate"
+    x, y = synthetic_images(1200)
+    session = ort.InferenceSession(str(exported.paths["onnx"]), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"images": x[1000:]})[0]
+    from cifarkit.train import model_from_checkpoint
+
+    want = predict_logits(
+        model_from_checkpoint(state),
+        x[1000:],
+        device=torch.device("cpu"),
+        mean=state["mean"],
+        std=state["std"],
+        tta="hflip_translate",
+    )
+    assert np.abs(got - want).max() <= 1e-4
+    assert float(np.mean(got.argmax(1) == y[1000:])) == pytest.approx(result.metrics.accuracy)
