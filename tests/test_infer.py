@@ -4,6 +4,7 @@ Everything here is CPU-only and synthetic except the opt-in real-data test (CIFA
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -11,21 +12,18 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from cifarkit.cli.infer import app
 from cifarkit.errors import CifarkitError
 from cifarkit.infer import Classifier, Failure, Prediction, iter_image_files, resolve_model_path
 from cifarkit.preprocess import ImageError, load_image
 from conftest import REAL_DATA, needs_real_data, synthetic_images
-
-runner = CliRunner()
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Fixtures
@@ -367,8 +365,32 @@ def test_walk_reports_symlink_loops_once(tmp_path, clf):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def infer(*args: str, env: dict | None = None):
-    return runner.invoke(app, [str(a) for a in args], env=env)
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def infer(*args: str, env: dict | None = None) -> CliResult:
+    """Run cifar-infer's entry point in-process, capturing its output and exit status."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                app([str(a) for a in args])
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return CliResult(code, out.getvalue(), err.getvalue())
 
 
 def test_cli_table(model_path, images):
