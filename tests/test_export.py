@@ -13,7 +13,7 @@ import torch
 
 from cifarkit import export as export_mod
 from cifarkit.errors import CifarkitError
-from cifarkit.export import DeployedModel, deployed_from_checkpoint, eager_outputs, export, load_torchscript
+from cifarkit.export import DeployedModel, deployed_from_checkpoint, export, load_torchscript
 from cifarkit.spec import ARTIFACT_JSON_NAME, IMAGE_SIZE, INPUT_NAME, MEAN, OUTPUT_NAMES, STD, ArtifactMeta
 from cifarkit.train import load_checkpoint
 from conftest import synthetic_images
@@ -36,7 +36,7 @@ def _torchscript_logits(path, images, batch_size):
 
 def _parity(checkpoint, paths, images, labels, batch_sizes):
     model = deployed_from_checkpoint(load_checkpoint(checkpoint))
-    ref_logits, _ = eager_outputs(model, images)
+    ref_logits, _ = model.run_numpy(images)
     ref_acc = float(np.mean(ref_logits.argmax(1) == labels))
     for bs in batch_sizes:
         for runner, path in ((_onnx_logits, paths["onnx"]), (_torchscript_logits, paths["torchscript"])):

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from cifarkit import __version__, atomic
 from cifarkit.errors import CifarkitError
@@ -104,26 +103,16 @@ def reference_inputs(
     return np.random.default_rng(seed).integers(0, 256, size=(count, h, w, 3), dtype=np.uint8)
 
 
-@torch.no_grad()
-def eager_outputs(model: nn.Module, images: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    logits, probs = [], []
-    for start in range(0, len(images), batch_size):
-        lo, pr = model(torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])))
-        logits.append(lo.numpy())
-        probs.append(pr.numpy())
-    return np.concatenate(logits), np.concatenate(probs)
-
-
 def compare(
     fmt: str,
     run: Callable[[np.ndarray], np.ndarray],
-    model: nn.Module,
+    model: DeployedModel,
     images: np.ndarray,
     batch_sizes: Sequence[int] = VERIFY_BATCH_SIZES,
 ) -> Verification:
     """Run the artifact (`run`: uint8 batch -> logits) and the eager model on the same images, batch by
     batch at each size in `batch_sizes`; report the worst logit difference and whether classes agree."""
-    ref, _ = eager_outputs(model, images)
+    ref, _ = model.run_numpy(images)
     worst, same = 0.0, True
     for bs in batch_sizes:
         n = min(len(images), max(bs, (len(images) // bs) * bs)) if bs <= len(images) else len(images)

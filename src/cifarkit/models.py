@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from cifarkit.data import normalize_uint8
 from cifarkit.errors import CifarkitError
 
 
@@ -156,9 +158,7 @@ class DeployedModel(nn.Module):
         return 0.5 * (self.net(x) + self.net(torch.flip(x, dims=[3])))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Same arithmetic as cifarkit.data.normalize_uint8 (ToTensor then Normalize), kept inline so that
-        # this module stays self-contained for export.
-        x = images.permute(0, 3, 1, 2).to(torch.float32).div(255.0).sub(self.mean).div(self.std).contiguous()
+        x = normalize_uint8(images, self.mean, self.std).contiguous()  # [N, 3, H, W] float32
         if self.tta == "none":
             logits = self.net(x)
         elif self.tta == "hflip":
@@ -169,6 +169,21 @@ class DeployedModel(nn.Module):
             shifted = 0.5 * (self._mirror(padded[:, :, 0:h, 0:w]) + self._mirror(padded[:, :, 2 : h + 2, 2 : w + 2]))
             logits = 0.5 * self._mirror(x) + 0.5 * shifted
         return logits, torch.softmax(logits, dim=1)
+
+    @torch.no_grad()
+    def run_numpy(self, images: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, probabilities) as float32 numpy arrays for uint8 [N, H, W, 3] images, in batches, on the
+        module's device: the eager reference that parity checks compare artifacts with."""
+        device = self.mean.device
+        logits, probs = [], []
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+            lo, pr = self(batch)
+            logits.append(lo.float().cpu().numpy())
+            probs.append(pr.float().cpu().numpy())
+        if not logits:
+            return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+        return np.concatenate(logits), np.concatenate(probs)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

@@ -414,12 +414,7 @@ def predict_logits(
     tta: str = "none",
 ) -> np.ndarray:
     """fp32 logits [N, C] for uint8 [N, H, W, 3] images (the eager reference for parity checks)."""
-    deployed = DeployedModel(model, mean, std, tta).to(device).eval()
-    out = [
-        deployed(torch.from_numpy(np.ascontiguousarray(x[s : s + batch_size])).to(device))[0].cpu().numpy()
-        for s in range(0, len(x), batch_size)
-    ]
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    return DeployedModel(model, mean, std, tta).to(device).eval().run_numpy(x, batch_size)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
