@@ -37,6 +37,30 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def output_folder(path: str | os.PathLike[str], option: str = "--out") -> Iterator[Path]:
+    """Create `path` if needed and check that files can be written there (a CifarkitError naming `option`
+    if not). If the body fails and the folder was created here and is still empty, it is removed: a failed
+    run or export leaves nothing behind."""
+    from cifarkit.errors import CifarkitError
+
+    folder = Path(path)
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CifarkitError(f"{option}: cannot write to {folder} ({exc.strerror or exc})") from None
+    try:
+        yield folder
+    except BaseException:
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
 def write_bytes(path: str | os.PathLike[str], payload: bytes) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(payload)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from cifarkit import __version__, atomic
+from cifarkit.atomic import output_folder
 from cifarkit.errors import CifarkitError
 from cifarkit.models import DeployedModel
 from cifarkit.spec import ARTIFACT_JSON_NAME, INPUT_NAME, OUTPUT_NAMES, ArtifactMeta
@@ -277,20 +278,8 @@ def export(
         raise CifarkitError(f"--format: unknown format {', '.join(bad) or '(none)'}, expected onnx, torchscript or all")
     if not 7 <= opset <= 23:
         raise CifarkitError(f"--opset must be between 7 and 23, got {opset}")
-    out = Path(out_dir)
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise CifarkitError(f"--out: cannot write to {out} ({exc.strerror or exc})") from None
-    try:
+    with output_folder(out_dir) as out:  # a failed export leaves no empty folder behind
         return _export(checkpoint, out, formats, opset, images, verify_count)
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a failed export leaves no empty folder behind
-        raise
 
 
 def _export(

@@ -16,11 +16,9 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ import torch
 from torch import nn
 
 from cifarkit import __version__, atomic
-from cifarkit.atomic import atomic_path
+from cifarkit.atomic import atomic_path, output_folder
 from cifarkit.data import CifarData, DeviceBatches, load_data, normalize_uint8
 from cifarkit.errors import CifarkitError
 from cifarkit.models import MODELS, DeployedModel, build_model, count_parameters, init_whitening
@@ -556,9 +554,6 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     precision = resolve_precision(cfg.precision, device)
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type in ("cpu", "cuda"))
     out_dir = Path(cfg.out or f"runs/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-    created = not out_dir.exists()
-    if dist.main:
-        _check_writable(out_dir)
     if dist.world_size > 1:
         import torch.distributed as tdist
 
@@ -566,12 +561,9 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
             torch.cuda.set_device(device)
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _run(cfg, rep, resumed, device, precision, channels_last, allocator_tuned, out_dir, dist)
-    except BaseException:
-        # A run that fails before its first checkpoint leaves no empty run folder behind.
-        if dist.main and created and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
+        # Rank 0 owns the run folder; a run that fails before its first checkpoint leaves none behind.
+        with output_folder(out_dir) if dist.main else contextlib.nullcontext(out_dir):
+            return _run(cfg, rep, resumed, device, precision, channels_last, allocator_tuned, out_dir, dist)
     finally:
         if dist.world_size > 1:
             import torch.distributed as tdist
@@ -870,16 +862,6 @@ def _checkpoint_state(
     }
 
 
-def _check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".probe")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise CifarkitError(f"--out: cannot write to {out_dir} ({exc.strerror or exc})") from None
-
-
 def smooth(values: list[float], window: int) -> np.ndarray:
     """Trailing moving average (the first points average what exists so far)."""
     v = np.asarray(values, dtype=np.float64)
@@ -915,7 +897,3 @@ def plot_loss(losses: list[float], path: Path, *, steps_per_epoch: int) -> None:
             fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-
-
-def config_fields() -> Iterator[str]:
-    return (f.name for f in fields(TrainConfig))

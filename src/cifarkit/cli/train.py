@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from cifarkit.cli import guarded, make_app
+from cifarkit.cli import fail, guarded, make_app
 from cifarkit.recipes import RECIPES
 from cifarkit.train import TrainConfig
 
@@ -92,7 +92,7 @@ def main(
         eval_every=eval_every,
     )
     if progress not in ("auto", "bar", "lines", "none"):
-        guarded(lambda: _bad("--progress must be auto, bar, lines or none"), debug=debug)
+        fail("--progress must be auto, bar, lines or none")
     use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     reporter = _BarReporter() if use_bar and main_rank else _LineReporter(quiet=progress == "none" or not main_rank)
@@ -102,12 +102,6 @@ def main(
         reporter.close()
     if result.rank == 0:
         _print_results(result)
-
-
-def _bad(msg: str):
-    from cifarkit.errors import CifarkitError
-
-    raise CifarkitError(msg)
 
 
 def _print_results(result: Any) -> None:
