@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from cifarkit.atomic import atomic_path
-from cifarkit.errors import CifarkitError
+from cifarkit.errors import CifarkitError, first_line
 from cifarkit.preprocess import IMAGE_EXTENSIONS, ImageError, load_image
 from cifarkit.spec import CIFAR10_CLASSES, IMAGE_SIZE, MEAN, RESIZE_FILTER, RESIZE_MODE, STD
 
@@ -111,7 +111,7 @@ def _load_torchvision(cache_dir: Path) -> CifarData:
             CIFAR10(str(root), train=True, download=True)
         except Exception as exc:  # network errors come as URLError, OSError, RuntimeError, ...
             raise CifarkitError(
-                f"--data torchvision: could not download CIFAR-10 into {root} ({_first_line(exc)}); "
+                f"--data torchvision: could not download CIFAR-10 into {root} ({first_line(exc)}); "
                 "offline, pass a local copy: --data PATH, where PATH is an extracted cifar-10-batches-py "
                 "folder or an ImageFolder root with train/ and test/"
             ) from None
@@ -144,7 +144,7 @@ def _load_batches_py(folder: Path) -> CifarData:
             with open(path, "rb") as f:
                 return pickle.load(f, encoding="bytes")
         except Exception as exc:
-            raise CifarkitError(f"--data: {path} is not a CIFAR-10 python batch ({_first_line(exc)})") from None
+            raise CifarkitError(f"--data: {path} is not a CIFAR-10 python batch ({first_line(exc)})") from None
 
     def arrays(parts: list[dict], where: str) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -152,7 +152,7 @@ def _load_batches_py(folder: Path) -> CifarData:
             y = np.concatenate([np.asarray(p.get(b"labels", p.get(b"fine_labels")), dtype=np.int64) for p in parts])
             x = x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # [N, 32, 32, 3]
         except Exception as exc:
-            raise CifarkitError(f"--data: {where} has an unexpected layout ({_first_line(exc)})") from None
+            raise CifarkitError(f"--data: {where} has an unexpected layout ({first_line(exc)})") from None
         return np.ascontiguousarray(x), y
 
     train_x, train_y = arrays([read(f"data_batch_{i}") for i in range(1, 6)], str(folder))
@@ -272,11 +272,6 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
             np.savez(f, **arrays)
     except OSError:
         pass  # a read-only cache folder only costs speed next time; the decoded data is still returned
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 
 from cifarkit import __version__, atomic
 from cifarkit.atomic import output_folder
-from cifarkit.errors import CifarkitError
+from cifarkit.errors import CifarkitError, first_line
 from cifarkit.models import DeployedModel
 from cifarkit.spec import ARTIFACT_JSON_NAME, INPUT_NAME, OUTPUT_NAMES, ArtifactMeta
 from cifarkit.train import file_sha256, load_checkpoint, model_from_checkpoint
@@ -177,8 +177,7 @@ def onnx_bytes(model: DeployedModel, meta: ArtifactMeta, opset: int = DEFAULT_OP
                     optimize=True,
                 )
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            notes.append(f"dynamo exporter failed ({first}); used the legacy exporter")
+            notes.append(f"dynamo exporter failed ({first_line(exc)}); used the legacy exporter")
             with _quiet_exporters():
                 torch.onnx.export(
                     model,

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cifarkit.errors import CifarkitError
+from cifarkit.errors import CifarkitError, first_line
 from cifarkit.preprocess import IMAGE_EXTENSIONS, ImageError, load_image, preprocess
 from cifarkit.spec import INPUT_NAME, OUTPUT_NAMES, ArtifactMeta
 
@@ -231,7 +231,7 @@ class Classifier:
         try:
             session = ort.InferenceSession(path, sess_options=_session_options(intra_op_threads), providers=_PROVIDERS)
         except Exception as exc:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for bad files
-            raise CifarkitError(f"model {path} is not a valid ONNX model ({_first_line(exc)})") from None
+            raise CifarkitError(f"model {path} is not a valid ONNX model ({first_line(exc)})") from None
         props = dict(session.get_modelmeta().custom_metadata_map)
         if "schema" not in props or "class_names" not in props:
             raise CifarkitError(
@@ -356,7 +356,7 @@ class Classifier:
             try:
                 return preprocess(item, size, mode, filt)
             except (OSError, ValueError, SyntaxError, EOFError) as exc:
-                raise ImageError(f"{src}: cannot decode image ({_first_line(exc)})") from None
+                raise ImageError(f"{src}: cannot decode image ({first_line(exc)})") from None
         raise TypeError(f"expected a path, a PIL image or a uint8 array, got {type(item).__name__}")
 
     def _array_pixels(self, a: np.ndarray, src: str) -> np.ndarray:
@@ -518,11 +518,6 @@ def _item_name(i: int, item: Any) -> str:
     if isinstance(name, str) and name:
         return name
     return f"<array {i}>" if isinstance(item, np.ndarray) else f"<image {i}>"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def resolve_model_path(model: str | None) -> str:

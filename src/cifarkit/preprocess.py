@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from cifarkit.errors import first_line
 from cifarkit.spec import IMAGE_SIZE, RESIZE_FILTER, RESIZE_MODE, RESIZE_MODES
 
 # Pillow's own bomb limit (about 89 megapixels, ~360 MB decoded as RGBA); a larger image is refused before it
@@ -187,7 +188,7 @@ def load_image(
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: refused, possible decompression bomb ({_short(exc)})") from None
+        raise ImageError(f"{name}: refused, possible decompression bomb ({first_line(exc, 160)})") from None
     except FileNotFoundError:
         why = "broken symlink" if os.path.islink(name) else "no such file"
         raise ImageError(f"{name}: {why}") from None
@@ -200,9 +201,9 @@ def load_image(
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ImageError(f"{name}: symlink loop") from None
-        raise ImageError(f"{name}: cannot decode image ({_short(exc)})") from None
+        raise ImageError(f"{name}: cannot decode image ({first_line(exc, 160)})") from None
     except (SyntaxError, ValueError, EOFError, MemoryError) as exc:
-        raise ImageError(f"{name}: cannot decode image ({_short(exc)})") from None
+        raise ImageError(f"{name}: cannot decode image ({first_line(exc, 160)})") from None
 
 
 def _unidentified_reason(path: str) -> str:
@@ -216,11 +217,6 @@ def _unidentified_reason(path: str) -> str:
     if ext in (".heic", ".heif"):
         return "HEIC/HEIF is not supported by this Pillow build; convert it to JPEG or PNG"
     return "not an image Pillow can read"
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:160]
 
 
 def stack(images: Sequence[np.ndarray]) -> np.ndarray:

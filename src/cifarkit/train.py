@@ -29,7 +29,7 @@ from torch import nn
 from cifarkit import __version__, atomic
 from cifarkit.atomic import atomic_path, output_folder
 from cifarkit.data import CifarData, DeviceBatches, load_data, normalize_uint8
-from cifarkit.errors import CifarkitError
+from cifarkit.errors import CifarkitError, first_line
 from cifarkit.models import MODELS, DeployedModel, build_model, count_parameters, init_whitening
 from cifarkit.recipes import Recipe, get_recipe
 from cifarkit.spec import IMAGE_SIZE, MEAN, RESIZE_FILTER, RESIZE_MODE, STD
@@ -459,7 +459,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         elif "WeightsUnpickler" in text or "invalid load key" in text or "zip archive" in text:
             why = "not a PyTorch checkpoint, or the file is corrupt or truncated"
         else:
-            why = text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__
+            why = first_line(exc, 160)
         raise CifarkitError(f"checkpoint {path} cannot be read: {why}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CifarkitError(f"checkpoint {path} is not a cifarkit checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
@@ -481,7 +481,7 @@ def model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
         model.load_state_dict(state["model_state"])
     except RuntimeError as exc:
         raise CifarkitError(
-            f"checkpoint weights do not fit model {state['model_name']!r}: {str(exc).splitlines()[0][:160]}"
+            f"checkpoint weights do not fit model {state['model_name']!r}: {first_line(exc, 160)}"
         ) from None
     return model.eval()
 
