@@ -30,7 +30,17 @@ from cifarkit import __version__, atomic
 from cifarkit.atomic import output_folder
 from cifarkit.errors import CifarkitError, first_line
 from cifarkit.models import DeployedModel
-from cifarkit.spec import ARTIFACT_JSON_NAME, INPUT_NAME, OUTPUT_NAMES, ArtifactMeta
+from cifarkit.spec import (
+    ARTIFACT_JSON_NAME,
+    IMAGE_SIZE,
+    INPUT_NAME,
+    MEAN,
+    OUTPUT_NAMES,
+    RESIZE_FILTER,
+    RESIZE_MODE,
+    STD,
+    ArtifactMeta,
+)
 from cifarkit.train import file_sha256, load_checkpoint, model_from_checkpoint
 
 DEFAULT_OPSET = 18
@@ -70,7 +80,7 @@ class ExportResult:
 def deployed_from_checkpoint(state: dict[str, Any]) -> DeployedModel:
     net = model_from_checkpoint(state)
     tta = state.get("tta", "none")
-    return DeployedModel(net, state.get("mean", (0.5, 0.5, 0.5)), state.get("std", (0.5, 0.5, 0.5)), tta=tta).eval()
+    return DeployedModel(net, state.get("mean", MEAN), state.get("std", STD), tta=tta).eval()
 
 
 def meta_from_checkpoint(
@@ -82,11 +92,11 @@ def meta_from_checkpoint(
     return ArtifactMeta(
         class_names=tuple(state["class_names"]),
         model_name=state["model_name"],
-        image_size=tuple(state.get("image_size", (32, 32))),
-        mean=tuple(state.get("mean", (0.5, 0.5, 0.5))),
-        std=tuple(state.get("std", (0.5, 0.5, 0.5))),
-        resize_mode=state.get("resize_mode", "center_crop"),
-        resize_filter=state.get("resize_filter", "bilinear"),
+        image_size=tuple(state.get("image_size", IMAGE_SIZE)),
+        mean=tuple(state.get("mean", MEAN)),
+        std=tuple(state.get("std", STD)),
+        resize_mode=state.get("resize_mode", RESIZE_MODE),
+        resize_filter=state.get("resize_filter", RESIZE_FILTER),
         tta=tta,
         test_accuracy=None if acc is None else round(float(acc), 6),
         checkpoint_sha256=file_sha256(checkpoint_path) if checkpoint_path else "",
@@ -116,7 +126,7 @@ def compare(
     ref, _ = model.run_numpy(images)
     worst, same = 0.0, True
     for bs in batch_sizes:
-        n = min(len(images), max(bs, (len(images) // bs) * bs)) if bs <= len(images) else len(images)
+        n = (len(images) // bs) * bs or len(images)  # whole batches of bs; one short batch if bs > N
         for start in range(0, n, bs):
             got = run(images[start : start + bs])
             want = ref[start : start + bs]

@@ -534,8 +534,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
             cfg = replace(cfg, data=saved.get("data"))
         if cfg.out is None:
             cfg = replace(cfg, out=str(Path(cfg.resume).parent))
-    cfg.validate()
-    cfg = cfg.resolved()
+    cfg = cfg.resolved()  # fills the recipe's values, then validates
     if resumed is not None and resumed.get("epoch", 0) >= math.ceil(cfg.epochs):
         raise CifarkitError(
             f"--resume: {cfg.resume} already holds {resumed['epoch']} epochs; pass --epochs "
@@ -798,8 +797,8 @@ def _step_reporter(
 ):
     """Calls rep.step every `every` batches with the mean loss since the last call. On CPU reading the loss
     costs nothing; on a GPU it syncs, so it happens at most every 50 batches."""
-    wanted = getattr(rep, "every", None) or cfg.log_every
-    every = max(1, min(wanted, 50) if device.type != "cpu" else wanted)
+    wanted = max(1, getattr(rep, "every", None) or cfg.log_every)
+    every = max(wanted, 50) if device.type != "cpu" else wanted
     last = [0]
 
     def on_step(i: int, losses: torch.Tensor) -> None:
