@@ -55,7 +55,7 @@ def child_blog(test_dir: str, checkpoint: str, out: str, workers: int, batch_siz
     import torchvision
     import torchvision.transforms as transforms
 
-    from cifarkit.train import load_checkpoint, model_from_checkpoint  # only to rebuild the same network
+    from cifarkit.checkpoint import load_checkpoint, model_from_checkpoint  # only to rebuild the same network
 
     state = load_checkpoint(checkpoint)
     net = model_from_checkpoint(state).eval()
@@ -141,7 +141,8 @@ def main() -> None:
             )
             return
 
-    from cifarkit.infer import DEFAULT_BATCH_SIZE, Classifier, default_threads
+    from cifarkit.files import default_threads
+    from cifarkit.infer import DEFAULT_BATCH_SIZE, Classifier
 
     class_names = list(Classifier.from_file(model).labels)
     n_images = sum(1 for d in test_dir.iterdir() if d.is_dir() for _ in d.iterdir())

@@ -11,11 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarkit.data import DeviceBatches, load_data
+from cifarkit.batches import DeviceBatches
+from cifarkit.data import load_data
 from cifarkit.errors import CifarkitError
 from cifarkit.preprocess import load_image
-from cifarkit.spec import CIFAR10_CLASSES, MEAN, STD
+from cifarkit.spec import BLOG_MEAN, BLOG_STD, CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from conftest import needs_real_data, synthetic_images, write_batches_py, write_imagefolder
+
+CPU = torch.device("cpu")
 
 
 def test_batches_py_folder_and_its_parent(tmp_path):
@@ -129,23 +132,23 @@ def test_torchvision_source_uses_an_existing_download(tmp_path):
 
 def test_device_batches_cover_every_image_once_per_epoch():
     x, y = synthetic_images(100)
-    batches = DeviceBatches(x, y, batch_size=32, device=torch.device("cpu"), seed=5)
+    batches = DeviceBatches(x, y, batch_size=32, device=CPU, mean=BLOG_MEAN, std=BLOG_STD, seed=5)
     assert len(batches) == 4
     seen = torch.cat([yb for _, yb in batches.epoch(0)])
     assert sorted(seen.tolist()) == sorted(y.tolist())
     assert not torch.equal(batches.order(0), batches.order(1))  # reshuffled every epoch
-    assert torch.equal(
-        batches.order(1), DeviceBatches(x, y, batch_size=32, device=torch.device("cpu"), seed=5).order(1)
-    )
+    again = DeviceBatches(x, y, batch_size=32, device=CPU, mean=BLOG_MEAN, std=BLOG_STD, seed=5)
+    assert torch.equal(batches.order(1), again.order(1))
 
 
-def test_device_batches_normalize_like_totensor_and_normalize():
+@pytest.mark.parametrize(("mean", "std"), [(BLOG_MEAN, BLOG_STD), (CIFAR10_MEAN, CIFAR10_STD)])
+def test_device_batches_normalize_like_totensor_and_normalize(mean, std):
     import torchvision.transforms as T
 
     x, y = synthetic_images(8)
-    batches = DeviceBatches(x, y, batch_size=8, device=torch.device("cpu"), shuffle=False)
+    batches = DeviceBatches(x, y, batch_size=8, device=CPU, mean=mean, std=std, shuffle=False)
     xb, _ = next(batches.epoch(0))
-    reference = torch.stack([T.Normalize(MEAN, STD)(T.ToTensor()(Image.fromarray(img))) for img in x])
+    reference = torch.stack([T.Normalize(mean, std)(T.ToTensor()(Image.fromarray(img))) for img in x])
     assert xb.shape == (8, 3, 32, 32)
     torch.testing.assert_close(xb, reference, rtol=0, atol=1e-6)
 
@@ -153,7 +156,8 @@ def test_device_batches_normalize_like_totensor_and_normalize():
 def test_device_batches_shard_disjointly_across_ranks():
     x, y = synthetic_images(50)
     orders = [
-        DeviceBatches(x, y, batch_size=8, device=torch.device("cpu"), rank=r, world_size=2).order(3) for r in (0, 1)
+        DeviceBatches(x, y, batch_size=8, device=CPU, mean=BLOG_MEAN, std=BLOG_STD, rank=r, world_size=2).order(3)
+        for r in (0, 1)
     ]
     assert len(orders[0]) == len(orders[1]) == 25
     assert set(orders[0].tolist()).isdisjoint(orders[1].tolist())

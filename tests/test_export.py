@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -12,10 +13,19 @@ import pytest
 import torch
 
 from cifarkit import export as export_mod
+from cifarkit.checkpoint import deployed_from_checkpoint, load_checkpoint
 from cifarkit.errors import CifarkitError
-from cifarkit.export import DeployedModel, deployed_from_checkpoint, export, load_torchscript
-from cifarkit.spec import ARTIFACT_JSON_NAME, IMAGE_SIZE, INPUT_NAME, MEAN, OUTPUT_NAMES, STD, ArtifactMeta
-from cifarkit.train import load_checkpoint
+from cifarkit.export import export, load_torchscript
+from cifarkit.models import DeployedModel
+from cifarkit.spec import (
+    ARTIFACT_JSON_NAME,
+    BLOG_MEAN,
+    BLOG_STD,
+    IMAGE_SIZE,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    ArtifactMeta,
+)
 from conftest import synthetic_images
 
 BATCH_SIZES = (1, 2, 7, 64, 200)
@@ -74,8 +84,11 @@ def test_metadata_round_trips_and_agrees_with_the_spec(trained_run, exported):
     meta = ArtifactMeta.from_props(props)
     assert meta == exported.meta
     state = load_checkpoint(trained_run.checkpoint)
-    assert list(meta.class_names) == json.loads(props["class_names"]) == state["class_names"]
-    assert meta.image_size == IMAGE_SIZE and meta.mean == MEAN and meta.std == STD
+    assert list(meta.class_names) == json.loads(props["class_names"]) == state["artifact"]["class_names"]
+    assert meta.image_size == IMAGE_SIZE and meta.mean == BLOG_MEAN and meta.std == BLOG_STD
+    # Export copies the checkpoint's contract and adds only its own provenance.
+    copied = {k: v for k, v in meta.to_dict().items() if k not in ("checkpoint_sha256", "versions")}
+    assert copied == {k: v for k, v in state["artifact"].items() if k not in ("checkpoint_sha256", "versions")}
     assert meta.input_layout == "NHWC" and meta.input_dtype == "uint8" and meta.color_order == "RGB"
     assert meta.model_name == "blog_cnn" and meta.tta == "none"
     assert meta.test_accuracy == pytest.approx(trained_run.metrics.accuracy)
@@ -105,13 +118,13 @@ def test_uint8_contract_equals_the_blog_transforms(trained_run, exported):
 def test_hflip_tta_is_inside_the_graph(trained_run, tmp_path):
     state = load_checkpoint(trained_run.checkpoint)
     net = deployed_from_checkpoint(state).net
-    model = DeployedModel(net, MEAN, STD, tta="hflip").eval()
+    model = DeployedModel(net, BLOG_MEAN, BLOG_STD, tta="hflip").eval()
     x, _ = synthetic_images(8, seed=4)
-    meta = export_mod.meta_from_checkpoint(state, trained_run.checkpoint, "hflip")
+    meta = replace(export_mod.artifact_meta(state, trained_run.checkpoint), tta="hflip")
     payload, _ = export_mod.onnx_bytes(model, meta)
     session = ort.InferenceSession(payload, providers=["CPUExecutionProvider"])
     got = session.run([OUTPUT_NAMES[0]], {INPUT_NAME: x})[0]
-    plain = DeployedModel(net, MEAN, STD).eval()
+    plain = DeployedModel(net, BLOG_MEAN, BLOG_STD).eval()
     with torch.no_grad():
         a = plain(torch.from_numpy(x))[0]
         b = plain(torch.from_numpy(np.ascontiguousarray(x[:, :, ::-1])))[0]

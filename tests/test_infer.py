@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifarkit.cli.infer import app
+from cifarkit.cli.infer import app, resolve_model_path
 from cifarkit.errors import CifarkitError
-from cifarkit.infer import Classifier, Failure, Prediction, iter_image_files, resolve_model_path
+from cifarkit.infer import Classifier, Failure, Prediction, iter_image_files
 from cifarkit.preprocess import ImageError, load_image
 from conftest import REAL_DATA, needs_real_data, synthetic_images
 
@@ -106,9 +106,9 @@ def test_resize_rule_is_read_from_the_model_metadata(model_path, tmp_path):
     crop = Classifier.from_file(model_path)
     wide = tmp_path / "wide.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 90, 3), dtype=np.uint8)).save(wide)
-    assert np.array_equal(squash.preprocess(wide), load_image(wide, mode="squash"))
-    assert np.array_equal(crop.preprocess(wide), load_image(wide, mode="center_crop"))
-    assert not np.array_equal(squash.preprocess(wide), crop.preprocess(wide))
+    assert np.array_equal(squash.pixels(wide), load_image(wide, mode="squash"))
+    assert np.array_equal(crop.pixels(wide), load_image(wide, mode="center_crop"))
+    assert not np.array_equal(squash.pixels(wide), crop.pixels(wide))
 
 
 def test_missing_model(tmp_path):
@@ -170,31 +170,26 @@ def test_model_path_resolution(tmp_path, monkeypatch):
 
 
 def test_matches_the_eager_model(clf, trained_run):
-    import torch
-
-    from cifarkit.train import load_checkpoint, model_from_checkpoint, predict_logits
+    from cifarkit.checkpoint import deployed_from_checkpoint, load_checkpoint
 
     state = load_checkpoint(trained_run.checkpoint)
-    model = model_from_checkpoint(state)
     x, _ = synthetic_images(300, seed=7)
-    eager = predict_logits(
-        model, x, device=torch.device("cpu"), mean=tuple(state["mean"]), std=tuple(state["std"])
-    )  # [300, 10]
+    eager, _ = deployed_from_checkpoint(state).run_numpy(x)  # [300, 10]
     logits, probs = clf.run(x)
     assert np.array_equal(logits.argmax(1), eager.argmax(1))
     assert np.abs(logits - eager).max() < 1e-4
     assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
-    preds = clf.predict_batch(x)
+    preds = clf.predict(x)
     assert [p.index for p in preds] == eager.argmax(1).tolist()
 
 
 def test_paths_pil_images_and_arrays_agree(clf, images):
     files = image_files(images)
-    arrays = [clf.preprocess(f) for f in files]
+    arrays = [clf.pixels(f) for f in files]
     by_path = clf.predict(files)
     by_pil = clf.predict([Image.open(f) for f in files])
     by_array = clf.predict([np.asarray(Image.open(f).convert("RGB")) for f in files])
-    by_batch = clf.predict_batch(np.stack(arrays))
+    by_batch = clf.predict(np.stack(arrays))
     for a, b, c, d in zip(by_path, by_pil, by_array, by_batch, strict=True):
         assert a.index == b.index == c.index == d.index
         assert abs(a.probability - d.probability) < 1e-6
@@ -205,11 +200,11 @@ def test_paths_pil_images_and_arrays_agree(clf, images):
 
 def test_single_items_and_batches(clf, images):
     f = image_files(images)[0]
-    one = clf.predict_one(f)
+    [one] = clf.predict(f)
     assert isinstance(one, Prediction)
     assert clf.predict(f) == [one]  # a lone path is not iterated character by character
     assert clf.predict(Path(f)) == [one]
-    batch = np.stack([clf.preprocess(f)] * 3)
+    batch = np.stack([clf.pixels(f)] * 3)
     assert [p.index for p in clf.predict(batch)] == [one.index] * 3  # a 4-D array is a batch
 
 
@@ -298,8 +293,6 @@ def test_bad_arguments(clf):
         list(clf.predict_paths([], batch_size=0))
     with pytest.raises(CifarkitError, match="threads"):
         list(clf.predict_paths([], threads=-1))
-    with pytest.raises(CifarkitError, match="sources"):
-        clf.predict_batch(synthetic_images(2)[0], sources=["only one"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -598,10 +591,8 @@ def test_library_never_imports_torch(model_path, images):
 def test_real_test_images(clf, trained_run):
     """300 real CIFAR-10 test JPEGs: the inference path sees exactly the pixels the training data loader sees,
     and the exported model agrees with the eager one on every image."""
-    import torch
-
+    from cifarkit.checkpoint import deployed_from_checkpoint, load_checkpoint
     from cifarkit.data import decode_files
-    from cifarkit.train import load_checkpoint, model_from_checkpoint, predict_logits
 
     test_dir = Path(REAL_DATA) / "test"
     files = [p for d in sorted(test_dir.iterdir()) if d.is_dir() for p in sorted(d.iterdir())[:30]]
@@ -609,7 +600,7 @@ def test_real_test_images(clf, trained_run):
     results = list(clf.predict_paths([str(f) for f in files], top_k=3))
     assert all(isinstance(r, Prediction) for r in results)
     x = decode_files(files)  # the training-side decoder
-    assert np.array_equal(x, np.stack([clf.preprocess(f) for f in files]))
+    assert np.array_equal(x, np.stack([clf.pixels(f) for f in files]))
     state = load_checkpoint(trained_run.checkpoint)
-    eager = predict_logits(model_from_checkpoint(state), x, device=torch.device("cpu"))
+    eager, _ = deployed_from_checkpoint(state).run_numpy(x)
     assert [r.index for r in results] == eager.argmax(1).tolist()

@@ -7,13 +7,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cifarkit.data import DeviceBatches
+from cifarkit.batches import DeviceBatches
+from cifarkit.checkpoint import deployed_from_checkpoint, load_checkpoint
 from cifarkit.errors import CifarkitError
 from cifarkit.export import export
-from cifarkit.models import AirbenchNet, count_parameters, init_whitening
+from cifarkit.models import AirbenchNet, BlogCNN, count_parameters, init_whitening
 from cifarkit.recipes import RECIPES, get_recipe
-from cifarkit.train import Lookahead, TrainConfig, load_checkpoint, predict_logits, train, triangle_schedule
+from cifarkit.spec import BLOG_MEAN, BLOG_STD, CIFAR10_MEAN, CIFAR10_STD
+from cifarkit.train import Lookahead, TrainConfig, evaluate, make_optimization, train, triangle_schedule
 from conftest import synthetic_images
+
+CPU = torch.device("cpu")
 
 
 def test_triangle_schedule():
@@ -38,7 +42,9 @@ def test_lookahead_moves_weights_towards_their_average():
 
 def test_translate_and_flip_augmentation():
     x, y = synthetic_images(64, seed=2)
-    b = DeviceBatches(x, y, batch_size=64, device=torch.device("cpu"), translate=2, flip=True, shuffle=False)
+    b = DeviceBatches(
+        x, y, batch_size=64, device=CPU, mean=BLOG_MEAN, std=BLOG_STD, translate=2, flip=True, shuffle=False
+    )
     padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
     for epoch in (0, 1):
         out = b.images(epoch).numpy()
@@ -47,7 +53,7 @@ def test_translate_and_flip_augmentation():
             views += [v[:, ::-1] for v in views]
             assert any(np.array_equal(out[i], v) for v in views)
     # Flipping alternates: an image flipped in epoch 0 is not flipped in epoch 1, and vice versa.
-    no_shift = DeviceBatches(x, y, batch_size=64, device=torch.device("cpu"), flip=True, shuffle=False)
+    no_shift = DeviceBatches(x, y, batch_size=64, device=CPU, mean=BLOG_MEAN, std=BLOG_STD, flip=True, shuffle=False)
     e0, e1 = no_shift.images(0).numpy(), no_shift.images(1).numpy()
     flipped0 = [not np.array_equal(e0[i], x[i]) for i in range(len(x))]
     flipped1 = [not np.array_equal(e1[i], x[i]) for i in range(len(x))]
@@ -71,7 +77,9 @@ def test_whitening_init_decorrelates_patches():
 
 def test_recipe_table():
     assert RECIPES["blog"].epochs == 4 and RECIPES["blog"].batch_size == 32 and RECIPES["blog"].lr == 1e-3
+    assert RECIPES["blog"].mean == BLOG_MEAN == (0.5, 0.5, 0.5) and RECIPES["blog"].std == BLOG_STD
     assert RECIPES["airbench"].tta == "hflip_translate"
+    assert RECIPES["airbench"].mean == CIFAR10_MEAN and RECIPES["airbench"].std == CIFAR10_STD
     with pytest.raises(CifarkitError, match="unknown recipe"):
         get_recipe("nope")
 
@@ -84,22 +92,41 @@ def test_short_airbench_run_exports_with_tta_inside(tmp_path, batches_py):
     )
     assert result.metrics.accuracy > 0.5  # chance is 0.1
     state = load_checkpoint(result.checkpoint)
-    assert state["tta"] == "hflip_translate" and state["model_name"] == "airbench"
-    assert len(state["history"]["loss"]) == 11  # ceil(7 steps an epoch * 1.5); the last batch is dropped
+    artifact = state["artifact"]
+    assert artifact["tta"] == "hflip_translate" and artifact["model_name"] == "airbench"
+    assert artifact["mean"] == list(CIFAR10_MEAN) and artifact["std"] == list(CIFAR10_STD)
+    assert [len(r["losses"]) for r in state["history"]] == [7, 4]  # ceil(7 steps an epoch * 1.5); last batch dropped
+
+    # The public API, no normalization passed: the checkpoint's own gives the accuracy it recorded.
+    x, y = synthetic_images(1200)
+    deployed = deployed_from_checkpoint(state)
+    metrics = evaluate(deployed, x[1000:], y[1000:], tuple(artifact["class_names"]), device=CPU)
+    assert metrics.accuracy == state["metrics"]["accuracy"] == result.metrics.accuracy
+    assert metrics.accuracy == pytest.approx(artifact["test_accuracy"], abs=1e-6)
+
     exported = export(result.checkpoint, tmp_path / "art", formats=("onnx",), verify_count=16)
     assert exported.meta.tta == "hflip_translate"
-    x, y = synthetic_images(1200)
     session = ort.InferenceSession(str(exported.paths["onnx"]), providers=["CPUExecutionProvider"])
     got = session.run(["logits"], {"images": x[1000:]})[0]
-    from cifarkit.train import model_from_checkpoint
-
-    want = predict_logits(
-        model_from_checkpoint(state),
-        x[1000:],
-        device=torch.device("cpu"),
-        mean=state["mean"],
-        std=state["std"],
-        tta="hflip_translate",
-    )
+    want, _ = deployed.run_numpy(x[1000:])
     assert np.abs(got - want).max() <= 1e-4
     assert float(np.mean(got.argmax(1) == y[1000:])) == pytest.approx(result.metrics.accuracy)
+
+
+def test_models_own_their_parameter_groups():
+    """The trainer matches no names: each net says which parameters train how."""
+    recipe = RECIPES["airbench"]
+    net = AirbenchNet()
+    groups = {g.name: g for g in net.param_groups(recipe)}
+    assert groups["norm_biases"].lr_scale == recipe.bias_lr_scale and len(groups["norm_biases"].params) == 6
+    assert groups["whiten_bias"].params == [net.whiten.bias] and groups["whiten_bias"].train_epochs == 3
+    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+    listed = [id(p) for g in groups.values() for p in g.params]
+    assert sorted(listed) == sorted(trainable)  # every trainable parameter exactly once
+    opt = make_optimization(net, recipe, lr=recipe.lr, batch_size=1024, device=CPU, total_steps=100)
+    opt.step = 0
+    opt.set_lr(epoch=2)
+    assert [g["lr"] > 0 for g in opt.optimizer.param_groups] == [True, True, True]
+    opt.set_lr(epoch=3)  # the whitening bias stops after 3 epochs
+    assert [g["lr"] > 0 for g in opt.optimizer.param_groups] == [True, True, False]
+    assert [g.name for g in BlogCNN().param_groups(RECIPES["blog"])] == ["all"]

@@ -8,23 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from cifarkit.data import DeviceBatches
+from cifarkit.batches import DeviceBatches
+from cifarkit.checkpoint import deployed_from_checkpoint, load_checkpoint, model_from_checkpoint
 from cifarkit.errors import CifarkitError
-from cifarkit.models import BlogCNN, build_model, count_parameters
+from cifarkit.models import BlogCNN, DeployedModel, build_model, count_parameters
 from cifarkit.recipes import RECIPES
-from cifarkit.train import (
-    Reporter,
-    TrainConfig,
-    evaluate,
-    load_checkpoint,
-    make_optimizer,
-    model_from_checkpoint,
-    predict_logits,
-    select_device,
-    train,
-    train_one_epoch,
-)
+from cifarkit.runtime import select_device
+from cifarkit.spec import BLOG_MEAN, BLOG_STD
+from cifarkit.train import Reporter, TrainConfig, evaluate, make_optimization, train, train_one_epoch
 from conftest import synthetic_images
+
+CPU = torch.device("cpu")
 
 
 def test_blog_cnn_shape_and_parameter_count():
@@ -40,12 +34,13 @@ def test_a_few_steps_lower_the_loss():
     torch.manual_seed(0)
     x, y = synthetic_images(256)
     model = BlogCNN()
-    batches = DeviceBatches(x, y, batch_size=32, device=torch.device("cpu"))
-    before = evaluate(model, x, y, tuple(map(str, range(10))), device=torch.device("cpu"))
-    optimizer = make_optimizer(model, RECIPES["blog"], 1e-3, 32, torch.device("cpu"))
+    deployed = DeployedModel(model, BLOG_MEAN, BLOG_STD)
+    batches = DeviceBatches(x, y, batch_size=32, device=CPU, mean=BLOG_MEAN, std=BLOG_STD)
+    before = evaluate(deployed, x, y, tuple(map(str, range(10))), device=CPU)
+    opt = make_optimization(model, RECIPES["blog"], lr=1e-3, batch_size=32, device=CPU)
     for epoch in range(3):
-        losses = train_one_epoch(model, batches, optimizer, epoch)
-    after = evaluate(model, x, y, tuple(map(str, range(10))), device=torch.device("cpu"))
+        losses = train_one_epoch(model, batches, opt, epoch)
+    after = evaluate(deployed, x, y, tuple(map(str, range(10))), device=CPU)
     assert after.loss < 0.7 * before.loss
     assert losses.shape == (8,) and torch.isfinite(losses).all()
 
@@ -68,11 +63,9 @@ def test_run_folder_contents(trained_run):
 def test_checkpoint_is_plain_data_and_rebuilds_the_model(trained_run, batches_py):
     raw = torch.load(trained_run.checkpoint, weights_only=True)  # would raise on pickled objects
     for key in (
-        "model_name",
+        "artifact",
         "model_kwargs",
-        "class_names",
-        "mean",
-        "std",
+        "model_state",
         "train_config",
         "epoch",
         "optimizer_state",
@@ -81,12 +74,21 @@ def test_checkpoint_is_plain_data_and_rebuilds_the_model(trained_run, batches_py
         "versions",
     ):
         assert key in raw
-    assert raw["epoch"] == 2
+    assert raw["epoch"] == 2 and [r["epoch"] for r in raw["history"]] == [1, 2]
+    assert raw["artifact"]["mean"] == list(BLOG_MEAN) and raw["artifact"]["model_name"] == "blog_cnn"
     state = load_checkpoint(trained_run.checkpoint)
-    model = model_from_checkpoint(state)
+    model = deployed_from_checkpoint(state)  # the normalization comes from the checkpoint
     x, y = synthetic_images(1200)  # the same generator and seed as the fixture's data set
-    metrics = evaluate(model, x[1000:], y[1000:], tuple(state["class_names"]), device=torch.device("cpu"))
+    metrics = evaluate(model, x[1000:], y[1000:], tuple(state["artifact"]["class_names"]), device=CPU)
     assert metrics.accuracy == pytest.approx(trained_run.metrics.accuracy)
+    assert raw["artifact"]["test_accuracy"] == pytest.approx(metrics.accuracy)
+
+
+def test_evaluate_refuses_a_bare_net():
+    """A bare net has no normalization: evaluate() must not guess the blog's."""
+    x, y = synthetic_images(8)
+    with pytest.raises(TypeError, match="DeployedModel"):
+        evaluate(BlogCNN(), x, y, tuple(map(str, range(10))), device=CPU)
 
 
 def test_same_seed_same_run_on_cpu(tmp_path, batches_py):
@@ -121,7 +123,7 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path, batches_py):
     a = load_checkpoint(straight.checkpoint)
     b = load_checkpoint(resumed.checkpoint)
     assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
-    assert b["history"]["loss"] == a["history"]["loss"]
+    assert [r["losses"] for r in b["history"]] == [r["losses"] for r in a["history"]]
     assert resumed.metrics.accuracy == straight.metrics.accuracy
     with pytest.raises(CifarkitError, match="already holds 3 epochs"):
         train(TrainConfig(resume=str(resumed.checkpoint), epochs=3, device="cpu"))
@@ -169,12 +171,12 @@ def test_corrupt_and_foreign_checkpoints(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def test_predict_logits_matches_evaluate(trained_run):
+def test_run_numpy_matches_evaluate(trained_run):
     state = load_checkpoint(trained_run.checkpoint)
-    model = model_from_checkpoint(state)
     x, y = synthetic_images(1200)
-    logits = predict_logits(model, x[1000:], device=torch.device("cpu"), batch_size=64)
+    logits, _ = deployed_from_checkpoint(state).run_numpy(x[1000:], batch_size=64)
     assert float(np.mean(logits.argmax(1) == y[1000:])) == pytest.approx(trained_run.metrics.accuracy)
+    assert isinstance(model_from_checkpoint(state), BlogCNN)
 
 
 def test_one_real_epoch_is_far_above_chance(real_run):

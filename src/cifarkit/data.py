@@ -1,4 +1,5 @@
-"""CIFAR-10 sources -> uint8 arrays, decoded once and cached; batches served from memory on the device.
+"""CIFAR-10 sources -> uint8 arrays, decoded once and cached. numpy and Pillow only: torch is imported
+only to download through torchvision (cifarkit.batches serves the arrays to the training device).
 
 Three sources, chosen by `load_data(source)`:
   "torchvision"        torchvision's CIFAR-10, downloaded on first use into `data_dir`
@@ -6,8 +7,6 @@ Three sources, chosen by `load_data(source)`:
   PATH/                an ImageFolder root with train/<class>/* and test/<class>/* (any >= 2 classes)
 
     data = load_data("/data/cifar10-jpeg")          # CifarData, uint8 [N, 32, 32, 3] arrays
-    batches = DeviceBatches(data.train_x, data.train_y, batch_size=32, device=torch.device("cpu"))
-    for x, y in batches.epoch(0): ...              # x: [B, 3, 32, 32] float32 normalized, y: [B] int64
 """
 
 from __future__ import annotations
@@ -16,18 +15,17 @@ import hashlib
 import os
 import pickle
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cifarkit.atomic import atomic_path
 from cifarkit.errors import CifarkitError, first_line
-from cifarkit.preprocess import IMAGE_EXTENSIONS, ImageError, load_image
-from cifarkit.spec import CIFAR10_CLASSES, IMAGE_SIZE, MEAN, RESIZE_FILTER, RESIZE_MODE, STD
+from cifarkit.files import IMAGE_EXTENSIONS, chunked, default_threads, list_folder, ordered_map
+from cifarkit.preprocess import ImageError, load_image
+from cifarkit.spec import CIFAR10_CLASSES, IMAGE_SIZE, RESIZE_FILTER, RESIZE_MODE
 
 CACHE_VERSION = 1  # bump when the cached array layout or the preprocessing rule changes
 DEFAULT_SOURCE = "torchvision"
@@ -174,11 +172,9 @@ def list_imagefolder(split_dir: Path) -> tuple[tuple[str, ...], list[tuple[Path,
     classes = tuple(sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")))
     samples: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
-        files = sorted(
-            e.name
-            for e in os.scandir(split_dir / name)
-            if e.is_file() and not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
-        )
+        files, _, problems = list_folder(split_dir / name)
+        if problems:
+            raise CifarkitError(f"--data: {problems[0].message}")
         if not files:
             raise CifarkitError(
                 f"--data: class folder {split_dir / name} has no images "
@@ -233,25 +229,24 @@ def decode_files(
     offset: int = 0,
     total: int | None = None,
 ) -> np.ndarray:
-    """Decode and preprocess files into one uint8 [N, H, W, 3] array, in a thread pool (Pillow releases the
-    GIL while decoding). An unreadable file is a CifarkitError that names it."""
+    """Decode and preprocess files into one uint8 [N, H, W, 3] array, in chunks through the ordered thread
+    window that inference uses (Pillow releases the GIL while decoding). An unreadable file is a
+    CifarkitError that names it."""
     out = np.empty((len(paths), *IMAGE_SIZE, 3), dtype=np.uint8)
     total = total if total is not None else len(paths)
-    workers = threads or min(8, (os.cpu_count() or 1) + 1)
 
-    def work(i: int) -> None:
-        out[i] = load_image(paths[i], IMAGE_SIZE, RESIZE_MODE, RESIZE_FILTER)
+    def decode(chunk: tuple[int, list[Path]]) -> int:
+        start, files = chunk
+        for i, path in enumerate(files, start):
+            out[i] = load_image(path, IMAGE_SIZE, RESIZE_MODE, RESIZE_FILTER)
+        return start + len(files)
 
-    chunk = 2048
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(paths), chunk):
-            idx = range(start, min(start + chunk, len(paths)))
-            try:
-                list(pool.map(work, idx))
-            except ImageError as exc:
-                raise CifarkitError(f"--data: unreadable image {exc}") from None
+    try:
+        for done in ordered_map(decode, chunked(paths, 256), threads or default_threads()):
             if progress is not None:
-                progress(offset + idx.stop, total)
+                progress(offset + done, total)
+    except ImageError as exc:
+        raise CifarkitError(f"--data: unreadable image {exc}") from None
     return out
 
 
@@ -272,119 +267,3 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
             np.savez(f, **arrays)
     except OSError:
         pass  # a read-only cache folder only costs speed next time; the decoded data is still returned
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Batching from memory on the device
-# ---------------------------------------------------------------------------------------------------------
-
-
-def normalize_uint8(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W], exactly torchvision's ToTensor() then Normalize(mean, std).
-
-    `mean` and `std` are float32 [1, 3, 1, 1]. The result is a channels_last-strided view of NCHW
-    (what permuting an NHWC tensor gives); call .contiguous() for the classic layout."""
-    return x.permute(0, 3, 1, 2).to(torch.float32).div(255.0).sub(mean).div(std)
-
-
-class DeviceBatches:
-    """Holds a split as one uint8 tensor on `device` and serves normalized batches from it.
-
-    Every epoch is a fresh permutation drawn from a generator seeded with (seed, epoch), so a resumed run
-    sees exactly the order an uninterrupted run would have. With `world_size` > 1 each rank takes an equal,
-    disjoint share of every epoch's permutation (DistributedSampler's rule: pad by wrapping).
-
-    Augmentation, batched on the device (airbench's scheme): `translate` shifts every image by up to that
-    many pixels in x and y (reflect padding); `flip` mirrors a fixed random half of the images and then
-    flips all of them every other epoch, which sees both views more evenly than independent coin flips."""
-
-    def __init__(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        *,
-        batch_size: int,
-        device: torch.device,
-        shuffle: bool = True,
-        seed: int = 0,
-        mean: tuple[float, ...] = MEAN,
-        std: tuple[float, ...] = STD,
-        channels_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        translate: int = 0,
-        flip: bool = False,
-        drop_last: bool = False,
-    ) -> None:
-        self.x = torch.from_numpy(x).to(device)  # uint8 [N, H, W, 3]
-        self.y = torch.from_numpy(y).to(device)  # int64 [N]
-        self.batch_size = batch_size
-        self.device = device
-        self.shuffle = shuffle
-        self.seed = seed
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.channels_last = channels_last
-        self.rank = rank
-        self.world_size = world_size
-        self.translate = translate
-        self.drop_last = drop_last
-        self.flip_mask: torch.Tensor | None = None
-        if flip:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + 7_777)
-            self.flip_mask = (torch.rand(len(y), generator=g) < 0.5).to(device)  # [N] bool
-        self.padded: torch.Tensor | None = None
-        if translate:
-            p = translate  # reflect-pad once: [N, H + 2p, W + 2p, 3] uint8
-            self.padded = torch.from_numpy(np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")).to(device)
-
-    def __len__(self) -> int:
-        n = self.per_rank
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    @property
-    def per_rank(self) -> int:
-        n = len(self.y)
-        return -(-n // self.world_size) if self.world_size > 1 else n
-
-    def _generator(self, epoch: int, salt: int = 0) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + salt)
-
-    def order(self, epoch: int) -> torch.Tensor:
-        n = len(self.y)
-        idx = torch.randperm(n, generator=self._generator(epoch)) if self.shuffle else torch.arange(n)
-        if self.world_size > 1:
-            total = self.per_rank * self.world_size
-            if total > n:
-                idx = torch.cat([idx, idx[: total - n]])
-            idx = idx[self.rank : total : self.world_size]
-        return idx.to(self.device)
-
-    def images(self, epoch: int) -> torch.Tensor:
-        """This epoch's augmented uint8 [N, H, W, 3] images (the stored ones when augmentation is off)."""
-        x = self.x
-        if self.padded is not None:
-            r = self.translate
-            h, w = x.shape[1], x.shape[2]
-            shifts = torch.randint(-r, r + 1, (len(x), 2), generator=self._generator(epoch, 500_009)).to(self.device)
-            out = torch.empty_like(x)
-            for sy in range(-r, r + 1):  # (2r+1)^2 masked copies: fast for r <= 2 (airbench's batch_crop)
-                for sx in range(-r, r + 1):
-                    mask = (shifts[:, 0] == sy) & (shifts[:, 1] == sx)
-                    out[mask] = self.padded[mask, r + sy : r + sy + h, r + sx : r + sx + w]
-            x = out
-        if self.flip_mask is not None:
-            mask = self.flip_mask ^ bool(epoch % 2)
-            x = torch.where(mask.view(-1, 1, 1, 1), x.flip(2), x)
-        return x
-
-    def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx = self.order(epoch)
-        x = self.images(epoch)
-        stop = len(self) * self.batch_size if self.drop_last else len(idx)
-        for start in range(0, stop, self.batch_size):
-            b = idx[start : start + self.batch_size]
-            xb = normalize_uint8(x.index_select(0, b), self.mean, self.std)
-            if not self.channels_last:
-                xb = xb.contiguous()
-            yield xb, self.y.index_select(0, b)

@@ -19,7 +19,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +28,10 @@ import torch
 
 from cifarkit import __version__, atomic
 from cifarkit.atomic import output_folder
+from cifarkit.checkpoint import checkpoint_meta, deployed_from_checkpoint, file_sha256, load_checkpoint
 from cifarkit.errors import CifarkitError, first_line
 from cifarkit.models import DeployedModel
-from cifarkit.spec import (
-    ARTIFACT_JSON_NAME,
-    IMAGE_SIZE,
-    INPUT_NAME,
-    MEAN,
-    OUTPUT_NAMES,
-    RESIZE_FILTER,
-    RESIZE_MODE,
-    STD,
-    ArtifactMeta,
-)
-from cifarkit.train import file_sha256, load_checkpoint, model_from_checkpoint
+from cifarkit.spec import ARTIFACT_JSON_NAME, INPUT_NAME, OUTPUT_NAMES, ArtifactMeta, versions
 
 DEFAULT_OPSET = 18
 FORMATS = ("onnx", "torchscript")
@@ -77,30 +67,14 @@ class ExportResult:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def deployed_from_checkpoint(state: dict[str, Any]) -> DeployedModel:
-    net = model_from_checkpoint(state)
-    tta = state.get("tta", "none")
-    return DeployedModel(net, state.get("mean", MEAN), state.get("std", STD), tta=tta).eval()
+def artifact_meta(state: dict[str, Any], checkpoint_path: str | os.PathLike[str] | None) -> ArtifactMeta:
+    """The checkpoint's contract, copied, with the provenance of this export added."""
+    import onnx  # noqa: F401 (imported so that versions() reports the running onnx)
 
-
-def meta_from_checkpoint(
-    state: dict[str, Any], checkpoint_path: str | os.PathLike[str] | None, tta: str
-) -> ArtifactMeta:
-    import onnx
-
-    acc = (state.get("metrics") or {}).get("accuracy")
-    return ArtifactMeta(
-        class_names=tuple(state["class_names"]),
-        model_name=state["model_name"],
-        image_size=tuple(state.get("image_size", IMAGE_SIZE)),
-        mean=tuple(state.get("mean", MEAN)),
-        std=tuple(state.get("std", STD)),
-        resize_mode=state.get("resize_mode", RESIZE_MODE),
-        resize_filter=state.get("resize_filter", RESIZE_FILTER),
-        tta=tta,
-        test_accuracy=None if acc is None else round(float(acc), 6),
+    return replace(
+        checkpoint_meta(state),
         checkpoint_sha256=file_sha256(checkpoint_path) if checkpoint_path else "",
-        versions={"cifarkit": __version__, "torch": str(torch.__version__), "onnx": str(onnx.__version__)},
+        versions=versions("torch", "onnx"),
     )
 
 
@@ -301,7 +275,7 @@ def _export(
 ) -> ExportResult:
     state = load_checkpoint(checkpoint)
     model = deployed_from_checkpoint(state)
-    meta = meta_from_checkpoint(state, checkpoint, model.tta)
+    meta = artifact_meta(state, checkpoint)
     if images is not None and tuple(images.shape[1:]) != (*meta.image_size, 3):
         raise CifarkitError(f"--data: images are {images.shape[1:]}, the model expects {(*meta.image_size, 3)}")
     sample = reference_inputs(meta, images, count=verify_count)

@@ -1,23 +1,64 @@
-"""Model zoo: a plain name -> constructor table. Every constructor takes `num_classes` and nothing that
-ties it to a device; the training stage moves the model where it belongs.
+"""The nets, a plain name -> constructor table, and the deployed module every artifact contains.
 
-    from cifarkit.models import build_model
-    model = build_model("blog_cnn", num_classes=10)
+Every constructor takes `num_classes` and nothing that ties it to a device; the training stage moves the
+model where it belongs. A net owns what only it knows: which of its parameters train how (`param_groups`)
+and any initialisation that needs data (`init_from_data`).
+
+    from cifarkit.models import DeployedModel, build_model
+    net = build_model("blog_cnn", num_classes=10)
+    deployed = DeployedModel(net, mean, std, tta="none")     # uint8 [N, 32, 32, 3] -> logits, probabilities
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from cifarkit.data import normalize_uint8
 from cifarkit.errors import CifarkitError
+from cifarkit.recipes import Recipe
 
 
-class BlogCNN(nn.Module):
+def normalize_uint8(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W], exactly torchvision's ToTensor() then Normalize(mean, std).
+
+    `mean` and `std` are float32 [1, 3, 1, 1]. The result is a channels_last-strided view of NCHW
+    (what permuting an NHWC tensor gives); call .contiguous() for the classic layout."""
+    return x.permute(0, 3, 1, 2).to(torch.float32).div(255.0).sub(mean).div(std)
+
+
+def channel_tensor(values: Sequence[float], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per-channel values (mean or std) as the float32 [1, 3, 1, 1] tensor normalize_uint8 takes."""
+    return torch.tensor(list(values), dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+
+@dataclass
+class ParamGroup:
+    """Parameters that train alike. The optimizer turns each into one torch param group."""
+
+    name: str  # for messages and debugging
+    params: list[nn.Parameter] = field(default_factory=list)
+    lr_scale: float = 1.0  # multiplies the recipe's learning rate (weight decay is not scaled)
+    train_epochs: int | None = None  # epochs during which the group trains, then its learning rate is 0;
+    #                                  None: every epoch
+
+
+class Net(nn.Module):
+    """What every cifarkit net offers the trainer beyond forward()."""
+
+    def param_groups(self, recipe: Recipe) -> list[ParamGroup]:
+        """The trainable parameters, grouped by how `recipe` trains them. Default: one group."""
+        return [ParamGroup("all", [p for p in self.parameters() if p.requires_grad])]
+
+    def init_from_data(self, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Data-dependent initialisation from uint8 [N, H, W, 3] training images (unaugmented), normalized
+        with `mean` and `std` ([1, 3, 1, 1]) as training will. Default: nothing to do."""
+
+
+class BlogCNN(Net):
     """The blog's CNN, exactly: conv 3->16->32->64 (3x3, stride 1, padding 1), ReLU after each, one shared
     2x2 max-pool after each conv, flatten 64*4*4 -> fc 64 -> ReLU -> fc C. 89,834 parameters for C = 10,
     about 5.7 MFLOP per 32x32 image forward."""
@@ -83,9 +124,11 @@ class _ConvGroup(nn.Module):
         return self.activ(self.norm2(self.conv2(x)))
 
 
-class AirbenchNet(nn.Module):
-    """[N, 3, 32, 32] -> [N, C]. Widths (64, 256, 256) as airbench94; `whiten` must be initialised from
-    training data with `init_whitening` before training (its weights are then frozen)."""
+class AirbenchNet(Net):
+    """[N, 3, 32, 32] -> [N, C]. Widths (64, 256, 256) as airbench94; `whiten` is initialised from training
+    data by `init_from_data` before training (its weights are then frozen)."""
+
+    WHITENING_IMAGES = 5000  # airbench's patch statistics come from the first 5,000 training images
 
     def __init__(
         self,
@@ -112,6 +155,22 @@ class AirbenchNet(nn.Module):
         x = self.block3(self.block2(self.block1(x)))  # [N, 256, 3, 3]
         x = torch.flatten(self.head_pool(x), 1)  # [N, 256]
         return self.fc(x) * self.scaling_factor
+
+    def param_groups(self, recipe: Recipe) -> list[ParamGroup]:
+        """airbench's groups: BatchNorm biases learn `bias_lr_scale` times faster; the whitening bias trains
+        for the first `whiten_bias_epochs` only; every other trainable parameter at the base rate."""
+        norm_biases = [m.bias for m in self.modules() if isinstance(m, _BatchNorm)]
+        special = {id(p) for p in norm_biases} | {id(self.whiten.bias)}
+        others = [p for p in self.parameters() if p.requires_grad and id(p) not in special]
+        return [
+            ParamGroup("norm_biases", norm_biases, lr_scale=recipe.bias_lr_scale),
+            ParamGroup("weights", others),
+            ParamGroup("whiten_bias", [self.whiten.bias], train_epochs=recipe.whiten_bias_epochs or None),
+        ]
+
+    def init_from_data(self, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+        first = normalize_uint8(images[: self.WHITENING_IMAGES], mean, std).contiguous().cpu()
+        init_whitening(self.whiten, first)
 
 
 @torch.no_grad()
@@ -151,8 +210,8 @@ class DeployedModel(nn.Module):
             raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
         self.net = net
         self.tta = tta
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("mean", channel_tensor(mean))
+        self.register_buffer("std", channel_tensor(std))
 
     def _mirror(self, x: torch.Tensor) -> torch.Tensor:
         return 0.5 * (self.net(x) + self.net(torch.flip(x, dims=[3])))
@@ -186,19 +245,22 @@ class DeployedModel(nn.Module):
         return np.concatenate(logits), np.concatenate(probs)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
+MODELS: dict[str, Callable[..., Net]] = {
     "blog_cnn": BlogCNN,
     "airbench": AirbenchNet,
 }
 
 
-def build_model(name: str, num_classes: int, **kwargs: object) -> nn.Module:
+def check_model_name(name: str) -> None:
+    """A CifarkitError listing the known models unless `name` is one."""
+    if name not in MODELS:
+        raise CifarkitError(f"--model: unknown model {name!r}, expected one of {', '.join(sorted(MODELS))}")
+
+
+def build_model(name: str, num_classes: int, **kwargs: object) -> Net:
     """Construct a registered model by name; an unknown name is a CifarkitError listing the known ones."""
-    try:
-        ctor = MODELS[name]
-    except KeyError:
-        raise CifarkitError(f"--model: unknown model {name!r}, expected one of {', '.join(sorted(MODELS))}") from None
-    return ctor(num_classes=num_classes, **kwargs)
+    check_model_name(name)
+    return MODELS[name](num_classes=num_classes, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -15,15 +15,16 @@ already the model's size, so that both see the same pixels. The rule, for other 
 Big JPEGs are decoded at 1/2, 1/4 or 1/8 scale by libjpeg (never below twice the target size) before the
 antialiased resize; images over MAX_PIXELS are refused before they are decoded (decompression bombs).
 
-    from cifarkit.preprocess import load_image
+    from cifarkit.preprocess import load_image, to_pixels
     pixels = load_image("cat.jpg")            # uint8 [32, 32, 3]
+    pixels = to_pixels(pil_image_or_array_or_path, (32, 32), "center_crop", "bilinear")
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -42,27 +43,6 @@ _FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX,
 }
-
-# Extensions we look for in folders (lower-cased before comparison). A file named explicitly is tried whatever
-# its name.
-IMAGE_EXTENSIONS = frozenset(
-    {
-        ".jpg",
-        ".jpeg",
-        ".jpe",
-        ".jfif",
-        ".png",
-        ".bmp",
-        ".gif",
-        ".webp",
-        ".tif",
-        ".tiff",
-        ".ppm",
-        ".pgm",
-        ".pbm",
-        ".avif",
-    }
-)
 
 # EXIF orientation (tag 0x0112) -> the transpose that makes the image upright.
 _EXIF_ORIENTATION = 0x0112
@@ -219,6 +199,31 @@ def _unidentified_reason(path: str) -> str:
     return "not an image Pillow can read"
 
 
-def stack(images: Sequence[np.ndarray]) -> np.ndarray:
-    """A list of uint8 [H, W, 3] -> one contiguous uint8 [N, H, W, 3] batch."""
-    return np.ascontiguousarray(np.stack(images)) if images else np.zeros((0, *IMAGE_SIZE, 3), np.uint8)
+def to_pixels(item: Any, size: tuple[int, int], mode: str, resample: str, source: str | None = None) -> np.ndarray:
+    """A path, a PIL image or a uint8 array of any size -> uint8 [H, W, 3] at `size`, by the rule above.
+    An array already [H, W, 3] passes through untouched; [H, W], [H, W, 1] and [H, W, 4] arrays are images
+    of those modes. Raises ImageError naming `source` (or the path) for anything unreadable."""
+    if isinstance(item, (str, os.PathLike)):
+        return load_image(item, size, mode, resample)
+    src = source or "<image>"
+    if isinstance(item, np.ndarray):
+        return _array_pixels(item, size, mode, resample, src)
+    if isinstance(item, Image.Image):
+        try:
+            return preprocess(item, size, mode, resample)
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise ImageError(f"{src}: cannot decode image ({first_line(exc)})") from None
+    raise TypeError(f"expected a path, a PIL image or a uint8 array, got {type(item).__name__}")
+
+
+def _array_pixels(a: np.ndarray, size: tuple[int, int], mode: str, resample: str, src: str) -> np.ndarray:
+    h, w = size
+    if a.dtype != np.uint8:
+        raise ImageError(f"{src}: array dtype is {a.dtype}, expected uint8 pixels (0..255)")
+    if a.shape == (h, w, 3):
+        return np.ascontiguousarray(a)  # already the model's size: passed through untouched
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))) or 0 in a.shape:
+        raise ImageError(f"{src}: array shape {list(a.shape)}, expected [H, W], [H, W, 3] or [H, W, 4]")
+    return preprocess(Image.fromarray(np.ascontiguousarray(a)), size, mode, resample)

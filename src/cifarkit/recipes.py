@@ -9,11 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cifarkit.spec import MEAN, STD
-
-# CIFAR-10's per-channel training-set statistics, as airbench normalizes.
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
+from cifarkit.spec import BLOG_MEAN, BLOG_STD, CIFAR10_MEAN, CIFAR10_STD
 
 
 @dataclass(frozen=True)
@@ -23,10 +19,13 @@ class Recipe:
     epochs: float  # may be fractional: training stops after ceil(steps_per_epoch * epochs) optimizer steps
     batch_size: int  # images per optimizer step
     lr: float  # Adam: the learning rate. SGD: airbench's lr per 1,024 images (decoupled from momentum)
+    mean: tuple[float, float, float]  # normalization after scaling pixels to [0, 1], per channel (R, G, B);
+    std: tuple[float, float, float]  # it travels to the checkpoint and into the exported graph
     optimizer: str = "adam"  # "adam" | "sgd_nesterov"
     momentum: float = 0.0  # SGD momentum
     weight_decay: float = 0.0  # SGD: airbench's decay per 1,024 images (decoupled from the learning rate)
     bias_lr_scale: float = 1.0  # learning-rate multiplier for BatchNorm biases (not applied to weight decay)
+    #                             (the model says which parameters those are: models.ParamGroup)
     label_smoothing: float = 0.0
     loss_reduction: str = "mean"  # "mean" | "sum" (airbench sums, which scales with the batch)
     schedule: tuple[float, float, float] | None = None  # triangle: (start, peak position in [0, 1], end)
@@ -35,10 +34,8 @@ class Recipe:
     translate: int = 0  # pixels of random translation (reflect padding); 0: off
     flip: bool = False  # horizontal flip: a random half at epoch 0, then all images flipped every other epoch
     drop_last: bool = False  # drop the last incomplete batch of every epoch
-    whiten_bias_epochs: int = 0  # epochs during which the whitening conv's bias trains (then frozen)
+    whiten_bias_epochs: int = 0  # epochs during which the whitening conv's bias trains, then frozen; 0: never frozen
     tta: str = "none"  # test-time augmentation inside the deployed model: none | hflip | hflip_translate
-    mean: tuple[float, float, float] = MEAN
-    std: tuple[float, float, float] = STD
     summary: str = ""
 
 
@@ -49,6 +46,8 @@ RECIPES: dict[str, Recipe] = {
         epochs=4,
         batch_size=32,
         lr=1e-3,
+        mean=BLOG_MEAN,
+        std=BLOG_STD,
         summary="the blog's recipe: 3-conv CNN, Adam 1e-3, batch 32, 4 epochs, no augmentation (69 %)",
     ),
     "airbench": Recipe(
@@ -57,6 +56,8 @@ RECIPES: dict[str, Recipe] = {
         epochs=9.9,
         batch_size=1024,
         lr=11.5,
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
         optimizer="sgd_nesterov",
         momentum=0.85,
         weight_decay=0.0153,
@@ -70,8 +71,6 @@ RECIPES: dict[str, Recipe] = {
         drop_last=True,
         whiten_bias_epochs=3,
         tta="hflip_translate",
-        mean=CIFAR_MEAN,
-        std=CIFAR_STD,
         summary="airbench94: whitened BatchNorm CNN, Nesterov SGD, triangle schedule, label smoothing, "
         "lookahead, flip+translate, TTA (94 % on PNG CIFAR-10, ~90.5 % on the JPEG copy)",
     ),

@@ -1,7 +1,8 @@
 """The artifact contract, defined once: class names, image size, normalization, metadata keys.
 
 Pure Python (no torch, no numpy): the training, export and inference stages all build from it, and a test
-checks that every exported artifact's metadata agrees with it.
+checks that every exported artifact's metadata agrees with it. Normalization is named here but never a
+default: a recipe picks a pair, the checkpoint records it, the artifact carries it.
 
     from cifarkit.spec import ArtifactMeta
     meta = ArtifactMeta.from_props(session.get_modelmeta().custom_metadata_map)
@@ -27,10 +28,15 @@ CIFAR10_CLASSES: tuple[str, ...] = (
 )
 
 IMAGE_SIZE: tuple[int, int] = (32, 32)  # (height, width) in pixels
-# The blog's `Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))` after `ToTensor()` (which scales by 1/255).
-MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
-STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
-PIXEL_SCALE: float = 1.0 / 255.0
+PIXEL_SCALE: float = 1.0 / 255.0  # ToTensor()'s scaling of uint8 pixels, before mean and std
+
+# Normalizations, applied after PIXEL_SCALE, per channel (R, G, B).
+# The blog's `Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))`: pixels to [-1, 1].
+BLOG_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+BLOG_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
+# CIFAR-10's per-channel training-set statistics, as airbench normalizes.
+CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
 
 INPUT_NAME = "images"  # uint8 [N, H, W, 3], RGB
 OUTPUT_NAMES: tuple[str, str] = ("logits", "probabilities")  # float32 [N, C] each
@@ -54,13 +60,14 @@ ARTIFACT_JSON_NAME = "model.json"  # the sidecar, and the extra file inside the 
 @dataclass(frozen=True)
 class ArtifactMeta:
     """What an exported model says about itself. Stored as ONNX metadata_props (string -> string), as
-    the `model.json` sidecar and as an extra file in the TorchScript archive, all with the same content."""
+    the `model.json` sidecar and as an extra file in the TorchScript archive, all with the same content;
+    a checkpoint carries it as a plain dict (`to_dict`), which export copies."""
 
     class_names: tuple[str, ...]
     model_name: str
+    mean: tuple[float, ...]  # after pixel_scale, per channel; from the recipe
+    std: tuple[float, ...]
     image_size: tuple[int, int] = IMAGE_SIZE
-    mean: tuple[float, ...] = MEAN
-    std: tuple[float, ...] = STD
     pixel_scale: float = PIXEL_SCALE
     resize_mode: str = RESIZE_MODE
     resize_filter: str = RESIZE_FILTER
@@ -75,6 +82,23 @@ class ArtifactMeta:
     versions: dict[str, str] = field(default_factory=dict)  # cifarkit, torch, onnx, ...
     schema: str = SCHEMA
 
+    # ---- plain-data form (checkpoints) ----------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, object]:
+        """Every field as plain data (lists, not tuples): what a checkpoint stores."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ArtifactMeta:
+        """Inverse of to_dict (unknown keys ignored); raises ValueError naming a missing or bad key."""
+        missing = sorted(_REQUIRED_KEYS - data.keys())
+        if missing:
+            raise ValueError(f"metadata key {missing[0]!r} is missing")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in cls.__dataclass_fields__}
+        meta = cls(**kwargs)  # type: ignore[arg-type]
+        meta.validate()
+        return meta
+
     # ---- string-to-string form (ONNX metadata_props) -------------------------------------------------
 
     def to_props(self) -> dict[str, str]:
@@ -87,24 +111,17 @@ class ArtifactMeta:
     @classmethod
     def from_props(cls, props: dict[str, str]) -> ArtifactMeta:
         """Inverse of to_props; raises ValueError naming the key that is missing or malformed."""
-        kwargs: dict[str, object] = {}
-        for name in cls.__dataclass_fields__:
-            if name not in props:
-                if name in _REQUIRED_KEYS:
-                    raise ValueError(f"metadata key {name!r} is missing")
-                continue
+        data: dict[str, object] = {}
+        for name in cls.__dataclass_fields__.keys() & props.keys():
             raw = props[name]
             if name in _STRING_KEYS:
-                kwargs[name] = raw
+                data[name] = raw
                 continue
             try:
-                value = json.loads(raw)
+                data[name] = json.loads(raw)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"metadata key {name!r} is not valid JSON: {raw[:60]!r}") from exc
-            kwargs[name] = tuple(value) if isinstance(value, list) else value
-        meta = cls(**kwargs)  # type: ignore[arg-type]
-        meta.validate()
-        return meta
+        return cls.from_dict(data)
 
     # ---- JSON form (sidecar, TorchScript extra file) -------------------------------------------------
 
@@ -113,8 +130,7 @@ class ArtifactMeta:
 
     @classmethod
     def from_json(cls, text: str) -> ArtifactMeta:
-        data = json.loads(text)
-        return cls.from_props({k: v if isinstance(v, str) else json.dumps(v) for k, v in data.items()})
+        return cls.from_dict(json.loads(text))
 
     def validate(self) -> None:
         if self.schema != SCHEMA:
@@ -129,7 +145,7 @@ class ArtifactMeta:
             raise ValueError(f"metadata 'resize_mode' is {self.resize_mode!r}, expected one of {RESIZE_MODES}")
 
 
-_REQUIRED_KEYS = frozenset({"class_names", "model_name", "schema"})
+_REQUIRED_KEYS = frozenset({"class_names", "model_name", "mean", "std", "schema"})
 # Fields stored as bare strings in metadata_props; every other field is JSON.
 _STRING_KEYS = frozenset(
     {
@@ -145,3 +161,27 @@ _STRING_KEYS = frozenset(
         "schema",
     }
 )
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """cifarkit's version and each of `packages`' ("python" for the interpreter): the version of the module
+    running in this process where it is imported (torch's says which build, e.g. "2.14.1+cpu"), else the
+    installed distribution's. Imports nothing, so the torch-free path can record versions too."""
+    import importlib.metadata
+    import platform
+    import sys
+
+    from cifarkit import __version__
+
+    out = {"cifarkit": __version__}
+    for name in packages:
+        if name == "python":
+            out[name] = platform.python_version()
+        elif name in sys.modules and hasattr(sys.modules[name], "__version__"):
+            out[name] = str(sys.modules[name].__version__)  # str(): torch's is a TorchVersion object
+        else:
+            try:
+                out[name] = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                out[name] = "not installed"
+    return out

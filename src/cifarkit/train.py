@@ -4,20 +4,17 @@
     result = train(TrainConfig(data="/data/cifar10-jpeg", out="runs/blog"))
     print(result.metrics.accuracy)
 
-Stage functions are importable alone: `select_device`, `train_one_epoch`, `evaluate`, `save_checkpoint`,
-`load_checkpoint`, `model_from_checkpoint`.
+Stage functions are importable alone: `make_optimization`, `train_one_epoch`, `evaluate`. Devices and
+torchrun live in cifarkit.runtime, the checkpoint format in cifarkit.checkpoint, metrics.json and the
+plot in cifarkit.report.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
-import os
-import platform
 import time
-import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,20 +23,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifarkit import __version__, atomic
-from cifarkit.atomic import atomic_path, output_folder
-from cifarkit.data import CifarData, DeviceBatches, load_data, normalize_uint8
-from cifarkit.errors import CifarkitError, first_line
-from cifarkit.models import MODELS, DeployedModel, build_model, count_parameters, init_whitening
+from cifarkit import report
+from cifarkit.atomic import output_folder
+from cifarkit.batches import DeviceBatches
+from cifarkit.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
+from cifarkit.data import CifarData, load_data
+from cifarkit.errors import CifarkitError
+from cifarkit.models import DeployedModel, Net, build_model, check_model_name, count_parameters
 from cifarkit.recipes import Recipe, get_recipe
-from cifarkit.spec import IMAGE_SIZE, MEAN, RESIZE_FILTER, RESIZE_MODE, STD
-
-CHECKPOINT_FORMAT = "cifarkit.checkpoint"
-CHECKPOINT_VERSION = 1
-
+from cifarkit.report import EpochRecord, Metrics
+from cifarkit.runtime import Dist, Runtime, autocast, check_options, runtime
+from cifarkit.spec import ArtifactMeta, versions
 
 # ---------------------------------------------------------------------------------------------------------
-# Configuration
+# Configuration and results
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -90,31 +87,15 @@ class TrainConfig:
             raise CifarkitError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise CifarkitError(f"--lr must be a positive number, got {self.lr}")
-        if self.model is not None and self.model not in MODELS:
-            raise CifarkitError(f"--model: unknown model {self.model!r}, expected one of {', '.join(sorted(MODELS))}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise CifarkitError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.channels_last not in ("auto", "on", "off"):
-            raise CifarkitError(f"--channels-last must be auto, on or off, got {self.channels_last!r}")
+        if self.model is not None:
+            check_model_name(self.model)
+        check_options(self.precision, self.channels_last, self.threads)
         if self.eval_batch_size < 1:
             raise CifarkitError(f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
-        if self.threads is not None and self.threads < 1:
-            raise CifarkitError(f"--threads must be at least 1, got {self.threads}")
 
 
 # Fields that define the recipe: a resumed run takes them from the checkpoint, not from the command line.
 RECIPE_FIELDS = ("recipe", "model", "batch_size", "lr", "seed", "precision", "channels_last")
-
-
-@dataclass
-class Metrics:
-    accuracy: float  # fraction correct in [0, 1]
-    loss: float  # mean cross-entropy
-    per_class: dict[str, float]  # class name -> accuracy in [0, 1]
-    count: int  # images evaluated
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -145,127 +126,12 @@ class Reporter:
 
     def step(self, epoch: int, epochs: int, step: int, steps: int, loss: float, images_per_s: float) -> None: ...
 
-    def epoch_end(self, epoch: int, epochs: int, stats: dict[str, Any]) -> None: ...
+    def epoch_end(self, record: EpochRecord, epochs: int) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Device and precision
+# Optimization: optimizer, per-group learning rates, schedule, lookahead, loss
 # ---------------------------------------------------------------------------------------------------------
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA, then MPS, then CPU. Asking for a device that is not there is a CifarkitError."""
-    mps = getattr(torch.backends, "mps", None)
-    mps_ok = bool(mps and mps.is_available())
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps") if mps_ok else torch.device("cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CifarkitError(f"--device {name}: CUDA is not available on this machine (try --device auto or cpu)")
-        dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise CifarkitError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-        return dev
-    if name == "mps":
-        if not mps_ok:
-            raise CifarkitError("--device mps: Apple's MPS backend is not available on this machine")
-        return torch.device("mps")
-    raise CifarkitError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' where autocast to bf16 is fast (CPUs with AVX512-BF16 or AMX, CUDA with bf16)."""
-    if precision != "auto":
-        if precision == "bf16" and not _bf16_ok(device):
-            raise CifarkitError(f"--precision bf16: not supported on {device}")
-        return precision
-    return "bf16" if _bf16_fast(device) else "fp32"
-
-
-def _bf16_ok(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type in ("cpu", "mps")
-
-
-def _bf16_fast(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        # Measured on an AVX512-BF16 CPU: bf16 autocast + channels_last ~2x faster than fp32 for the blog CNN.
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and (
-            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        )
-    return False
-
-
-def tune_cpu_allocator() -> bool:
-    """Keep glibc from handing freed activation buffers back to the OS after every step.
-
-    A batch's activations are a few MB each; by default glibc serves such blocks with mmap and unmaps them
-    on free, so every step page-faults them back in. Raising M_MMAP_THRESHOLD and M_TRIM_THRESHOLD keeps
-    them in the heap: measured 5.5 -> 3.7 ms per blog-CNN step (batch 32, bf16) on a 2-core CPU.
-    Returns True when the setting took effect (glibc Linux only)."""
-    if platform.system() != "Linux":
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 256 << 20)) and bool(libc.mallopt(m_trim_threshold, 512 << 20))
-    except (OSError, AttributeError):
-        return False
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def make_optimizer(
-    model: nn.Module, recipe: Recipe, lr: float, batch_size: int, device: torch.device
-) -> torch.optim.Optimizer:
-    """Adam for the blog (the fused kernel where the device has one: same maths, one kernel per step);
-    Nesterov SGD with airbench's decoupled hyperparameters for the strong recipe."""
-    fused = device.type in ("cpu", "cuda", "mps")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if recipe.optimizer == "adam":
-        try:
-            return torch.optim.Adam(params, lr=lr, fused=fused)
-        except (RuntimeError, TypeError):
-            return torch.optim.Adam(params, lr=lr)
-    if recipe.optimizer != "sgd_nesterov":
-        raise CifarkitError(f"recipe {recipe.name!r}: unknown optimizer {recipe.optimizer!r}")
-    # airbench: lr and weight decay are given per 1,024 images and decoupled from momentum; PyTorch's SGD
-    # wants them coupled, so convert. BatchNorm biases learn bias_lr_scale times faster, same decay.
-    kilostep_scale = 1024 * (1 + 1 / (1 - recipe.momentum))
-    base_lr = lr / kilostep_scale
-    wd = recipe.weight_decay * batch_size / kilostep_scale
-    bias_lr = base_lr * recipe.bias_lr_scale
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    norm_biases = [p for n, p in named if "norm" in n]
-    whiten_bias = [p for n, p in named if n == "whiten.bias"]
-    others = [p for n, p in named if "norm" not in n and n != "whiten.bias"]
-    groups = [
-        dict(params=norm_biases, lr=bias_lr, weight_decay=wd / bias_lr),
-        dict(params=others, lr=base_lr, weight_decay=wd / base_lr),
-    ]
-    if whiten_bias:
-        # airbench trains the whitening bias for the first few epochs only. Its learning rate drops to 0
-        # then (same trajectory as freezing it, and DistributedDataParallel keeps seeing every gradient).
-        groups.append(
-            dict(params=whiten_bias, lr=base_lr, weight_decay=wd / base_lr, train_epochs=recipe.whiten_bias_epochs)
-        )
-    try:
-        return torch.optim.SGD(groups, momentum=recipe.momentum, nesterov=True, fused=fused)
-    except (RuntimeError, TypeError):
-        return torch.optim.SGD(groups, momentum=recipe.momentum, nesterov=True)
 
 
 def triangle_schedule(total_steps: int, start: float, peak: float, end: float) -> list[float]:
@@ -290,57 +156,121 @@ class Lookahead:
                 param.copy_(ema)
 
 
+@dataclass
+class Optimization:
+    """The optimizer and everything that steers it, stepped by train_one_epoch."""
+
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    base_lrs: list[float]  # per torch param group, before the schedule
+    train_epochs: list[int | None]  # per torch param group: epochs it trains (then lr 0); None: always
+    loss_scale: float = 1.0  # multiplies the loss (world size for summed losses under DDP's gradient mean)
+    lr_factors: list[float] | None = None  # schedule multiplier per global step; None: constant
+    lookahead: Lookahead | None = None
+    lookahead_every: int = 0  # steps between lookahead updates
+    total_steps: int = 0  # global steps over the whole run; 0: no limit
+    step: int = 0  # global steps done so far
+
+    def set_lr(self, epoch: int) -> None:
+        factor = self.lr_factors[self.step] if self.lr_factors is not None else 1.0
+        for group, base, stop in zip(self.optimizer.param_groups, self.base_lrs, self.train_epochs, strict=True):
+            group["lr"] = 0.0 if stop is not None and epoch >= stop else base * factor
+
+    @property
+    def done(self) -> bool:
+        return bool(self.total_steps) and self.step >= self.total_steps
+
+
+def make_optimization(
+    model: Net,
+    recipe: Recipe,
+    *,
+    lr: float,
+    batch_size: int,
+    device: torch.device,
+    total_steps: int = 0,
+    world_size: int = 1,
+) -> Optimization:
+    """The recipe's optimizer over the model's own parameter groups (Net.param_groups). Adam for the blog
+    (the fused kernel where the device has one: same maths, one kernel per step); Nesterov SGD with
+    airbench's decoupled hyperparameters for the strong recipe. A group may scale the learning rate and stop
+    training after some epochs (its learning rate drops to 0: the same trajectory as freezing it, and
+    DistributedDataParallel keeps seeing every gradient)."""
+    groups = [g for g in model.param_groups(recipe) if g.params]
+    if recipe.optimizer == "adam":
+        torch_groups = [{"params": g.params, "lr": lr * g.lr_scale} for g in groups]
+        optimizer = _fused_if_possible(torch.optim.Adam, torch_groups, device, lr=lr)
+    elif recipe.optimizer == "sgd_nesterov":
+        # airbench gives lr and weight decay per 1,024 images, decoupled from momentum; PyTorch's SGD wants
+        # them coupled, so convert. Decay is the same for every group, whatever its learning rate.
+        kilostep_scale = 1024 * (1 + 1 / (1 - recipe.momentum))
+        base_lr = lr / kilostep_scale
+        wd = recipe.weight_decay * batch_size / kilostep_scale
+        torch_groups = [
+            {"params": g.params, "lr": base_lr * g.lr_scale, "weight_decay": wd / (base_lr * g.lr_scale)}
+            for g in groups
+        ]
+        optimizer = _fused_if_possible(torch.optim.SGD, torch_groups, device, momentum=recipe.momentum, nesterov=True)
+    else:
+        raise CifarkitError(f"recipe {recipe.name!r}: unknown optimizer {recipe.optimizer!r}")
+    return Optimization(
+        optimizer=optimizer,
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing, reduction=recipe.loss_reduction),
+        base_lrs=[g["lr"] for g in torch_groups],
+        train_epochs=[g.train_epochs for g in groups],
+        loss_scale=float(world_size) if recipe.loss_reduction == "sum" else 1.0,
+        lr_factors=triangle_schedule(total_steps, *recipe.schedule) if recipe.schedule and total_steps else None,
+        lookahead=Lookahead(model) if recipe.lookahead_every else None,
+        lookahead_every=recipe.lookahead_every,
+        total_steps=total_steps,
+    )
+
+
+def _fused_if_possible(
+    ctor: Callable[..., torch.optim.Optimizer], groups: list[dict[str, Any]], device: torch.device, **kwargs: Any
+) -> torch.optim.Optimizer:
+    """The fused kernel where the device has one (same maths, one kernel per step), else the default."""
+    if device.type in ("cpu", "cuda", "mps"):
+        try:
+            return ctor([dict(g) for g in groups], fused=True, **kwargs)  # copies: torch fills in the dicts
+        except (RuntimeError, TypeError):
+            pass
+    return ctor([dict(g) for g in groups], **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Stage functions
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class StepPlan:
-    """What the loop needs beyond model, data and optimizer: the loss, the schedule and where to stop."""
-
-    loss_fn: nn.Module
-    loss_scale: float = 1.0  # multiplies the loss (world size for summed losses under DDP's gradient mean)
-    lr_factors: list[float] | None = None  # per global step; None: constant
-    lookahead: Lookahead | None = None
-    lookahead_every: int = 0
-    total_steps: int = 0  # global steps over the whole run
-    step: int = 0  # global steps done so far
-
-
 def train_one_epoch(
     model: nn.Module,
     batches: DeviceBatches,
-    optimizer: torch.optim.Optimizer,
+    opt: Optimization,
     epoch: int,
     *,
     precision: str = "fp32",
-    plan: StepPlan | None = None,
-    on_step: Any = None,  # callable(step, losses_tensor) every step; may be None
+    on_step: Callable[[int, torch.Tensor], None] | None = None,  # (step, losses so far) after every step
 ) -> torch.Tensor:
-    """One pass over `batches` (or up to plan.total_steps). Returns per-batch losses (float32, CPU)."""
+    """One pass over `batches` (or up to opt.total_steps). Returns per-batch losses (float32, CPU)."""
     model.train()
-    plan = plan or StepPlan(loss_fn=nn.CrossEntropyLoss())
     device = batches.device
     losses = torch.empty(len(batches), dtype=torch.float32, device=device)
-    base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
+    per_image = opt.loss_fn.reduction == "sum"
     done = 0
     for i, (x, y) in enumerate(batches.epoch(epoch)):
-        if plan.total_steps and plan.step >= plan.total_steps:
+        if opt.done:
             break
-        factor = plan.lr_factors[plan.step] if plan.lr_factors is not None else 1.0
-        for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
-            frozen = g.get("train_epochs") is not None and epoch >= g["train_epochs"]
-            g["lr"] = 0.0 if frozen else base * factor
+        opt.set_lr(epoch)
         with autocast(device, precision):
-            loss = plan.loss_fn(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        (loss * plan.loss_scale if plan.loss_scale != 1.0 else loss).backward()
-        optimizer.step()
-        plan.step += 1
-        if plan.lookahead is not None and plan.step % plan.lookahead_every == 0:
-            plan.lookahead.update(_unwrap(model), decay=0.95**5 * (plan.step / plan.total_steps) ** 3)
-        losses[i] = loss.detach() / (len(y) if plan.loss_fn.reduction == "sum" else 1)
+            loss = opt.loss_fn(model(x), y)
+        opt.optimizer.zero_grad(set_to_none=True)
+        (loss * opt.loss_scale if opt.loss_scale != 1.0 else loss).backward()
+        opt.optimizer.step()
+        opt.step += 1
+        if opt.lookahead is not None and opt.step % opt.lookahead_every == 0:
+            opt.lookahead.update(_unwrap(model), decay=0.95**5 * (opt.step / opt.total_steps) ** 3)
+        losses[i] = loss.detach() / (len(y) if per_image else 1)
         done = i + 1
         if on_step is not None:
             on_step(i, losses)
@@ -354,41 +284,38 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    model: DeployedModel,
     x: np.ndarray,
     y: np.ndarray,
     classes: tuple[str, ...],
     *,
     device: torch.device,
     batch_size: int = 1000,
-    mean: tuple[float, ...] = MEAN,
-    std: tuple[float, ...] = STD,
-    tta: str = "none",
     precision: str = "fp32",
-    rank: int = 0,
-    world_size: int = 1,
+    dist: Dist = Dist(),  # noqa: B008 (frozen, never mutated)
 ) -> Metrics:
-    """Evaluate uint8 [N, H, W, 3] images through the deployed module (normalization and TTA exactly as
-    exported; fp32 unless `precision` says otherwise): accuracy, mean loss and per-class accuracy. Under DDP
-    each rank takes a share and the counts are summed over ranks."""
-    deployed = DeployedModel(model, mean, std, tta).to(device).eval()
+    """Evaluate uint8 [N, H, W, 3] images through a DeployedModel, which carries the normalization and the
+    TTA (exactly what is exported; `deployed_from_checkpoint` builds one from a checkpoint): accuracy, mean
+    loss and per-class accuracy, in fp32 unless `precision` says otherwise. Under DDP each rank takes a
+    share and the counts are summed over ranks."""
+    if not isinstance(model, DeployedModel):
+        raise TypeError(
+            "evaluate() takes a DeployedModel, which carries the normalization: DeployedModel(net, mean, std) "
+            "or cifarkit.checkpoint.deployed_from_checkpoint(state)"
+        )
+    model = model.to(device).eval()
     correct = torch.zeros(len(classes), dtype=torch.float64, device=device)
     total = torch.zeros(len(classes), dtype=torch.float64, device=device)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
-    share = range(rank * batch_size, len(x), batch_size * world_size)
-    for start in share:
+    for start in range(dist.rank * batch_size, len(x), batch_size * dist.world_size):
         xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(device)
         yb = torch.from_numpy(np.ascontiguousarray(y[start : start + batch_size])).to(device)
         with autocast(device, precision):
-            logits, _ = deployed(xb)
+            logits, _ = model(xb)
         loss_sum += nn.functional.cross_entropy(logits.float(), yb, reduction="sum").double()
         correct.index_add_(0, yb, (logits.argmax(1) == yb).double())
         total.index_add_(0, yb, torch.ones_like(yb, dtype=torch.float64))
-    if world_size > 1:
-        import torch.distributed as dist
-
-        for t in (correct, total, loss_sum):
-            dist.all_reduce(t)
+    dist.all_reduce_sum_(correct, total, loss_sum)
     correct_c, total_c = correct.cpu().long(), total.cpu().long()
     n = int(total_c.sum())
     per_class = {
@@ -400,124 +327,9 @@ def evaluate(
     )
 
 
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module,
-    x: np.ndarray,
-    *,
-    device: torch.device,
-    batch_size: int = 1000,
-    mean: tuple[float, ...] = MEAN,
-    std: tuple[float, ...] = STD,
-    tta: str = "none",
-) -> np.ndarray:
-    """fp32 logits [N, C] for uint8 [N, H, W, 3] images (the eager reference for parity checks)."""
-    return DeployedModel(model, mean, std, tta).to(device).eval().run_numpy(x, batch_size)[0]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------------------
-
-
-def versions() -> dict[str, str]:
-    import torchvision
-
-    # str(): torch.__version__ is a TorchVersion object, which weights_only loading refuses.
-    return {
-        "cifarkit": __version__,
-        "torch": str(torch.__version__),
-        "torchvision": str(torchvision.__version__),
-        "numpy": str(np.__version__),
-        "python": platform.python_version(),
-    }
-
-
-def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same folder, then rename. A crash leaves the old file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a cifarkit checkpoint with weights_only=True. Missing, corrupt or foreign files are CifarkitErrors."""
-    path = Path(path)
-    if not path.exists():
-        raise CifarkitError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise CifarkitError(f"checkpoint {path} is a folder, expected a checkpoint.pt file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about the pickle protocol of foreign files
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        text = str(exc)
-        if "Unsupported global" in text:
-            why = "it holds pickled Python objects, not plain data (refusing to unpickle them)"
-        elif "WeightsUnpickler" in text or "invalid load key" in text or "zip archive" in text:
-            why = "not a PyTorch checkpoint, or the file is corrupt or truncated"
-        else:
-            why = first_line(exc, 160)
-        raise CifarkitError(f"checkpoint {path} cannot be read: {why}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CifarkitError(f"checkpoint {path} is not a cifarkit checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
-    if state.get("format_version", 0) > CHECKPOINT_VERSION:
-        raise CifarkitError(
-            f"checkpoint {path} has format version {state['format_version']}, this cifarkit "
-            f"reads up to {CHECKPOINT_VERSION}; upgrade cifarkit"
-        )
-    missing = [k for k in ("model_name", "model_kwargs", "class_names", "model_state") if k not in state]
-    if missing:
-        raise CifarkitError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
-    return state
-
-
-def model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
-    """Rebuild the model from the checkpoint alone, weights loaded, in eval mode, fp32, on the CPU."""
-    model = build_model(state["model_name"], num_classes=len(state["class_names"]), **state["model_kwargs"])
-    try:
-        model.load_state_dict(state["model_state"])
-    except RuntimeError as exc:
-        raise CifarkitError(
-            f"checkpoint weights do not fit model {state['model_name']!r}: {first_line(exc, 160)}"
-        ) from None
-    return model.eval()
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    """Where this process stands in a torchrun job (world_size 1 when run alone)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_from_env() -> Dist:
-    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    return Dist(rank=int(os.environ["RANK"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world)
 
 
 def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
@@ -525,7 +337,22 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     loss.png at the end). Under torchrun each process trains on its share of every epoch with
     DistributedDataParallel (nccl on CUDA, gloo on CPU); only rank 0 reports and writes.
     Raises CifarkitError on bad input."""
-    resumed: dict[str, Any] | None = None
+    cfg, resumed = _resolve(cfg)
+    with runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.threads) as rt:
+        if cfg.batch_size % rt.dist.world_size:
+            raise CifarkitError(
+                f"--batch-size {cfg.batch_size} must be divisible by the {rt.dist.world_size} processes"
+            )
+        rep = (reporter or Reporter()) if rt.dist.main else Reporter()
+        out_dir = Path(cfg.out or f"runs/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+        # Rank 0 owns the run folder; a run that fails before its first checkpoint leaves none behind.
+        with output_folder(out_dir) if rt.dist.main else contextlib.nullcontext(out_dir):
+            return _run(cfg, rt, resumed, rep, out_dir)
+
+
+def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The config with the recipe's values filled in and, when resuming, the checkpoint's recipe fields."""
+    resumed = None
     if cfg.resume:
         resumed = load_checkpoint(cfg.resume)
         saved = resumed.get("train_config", {})
@@ -540,261 +367,213 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
             f"--resume: {cfg.resume} already holds {resumed['epoch']} epochs; pass --epochs "
             f"greater than that to train further"
         )
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dist = dist_from_env()
-    device = select_device(cfg.device)
-    if dist.world_size > 1 and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-    if cfg.batch_size % dist.world_size:
-        raise CifarkitError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
-    rep = (reporter or Reporter()) if dist.main else Reporter()
-    allocator_tuned = tune_cpu_allocator() if device.type == "cpu" else False
-    precision = resolve_precision(cfg.precision, device)
-    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type in ("cpu", "cuda"))
-    out_dir = Path(cfg.out or f"runs/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if dist.world_size > 1:
-        import torch.distributed as tdist
-
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        # Rank 0 owns the run folder; a run that fails before its first checkpoint leaves none behind.
-        with output_folder(out_dir) if dist.main else contextlib.nullcontext(out_dir):
-            return _run(cfg, rep, resumed, device, precision, channels_last, allocator_tuned, out_dir, dist)
-    finally:
-        if dist.world_size > 1:
-            import torch.distributed as tdist
-
-            if tdist.is_initialized():
-                tdist.destroy_process_group()
+    return cfg, resumed
 
 
-def _run(
-    cfg: TrainConfig,
-    rep: Reporter,
-    resumed: dict[str, Any] | None,
-    device: torch.device,
-    precision: str,
-    channels_last: bool,
-    allocator_tuned: bool,
-    out_dir: Path,
-    dist: Dist,
-) -> TrainResult:
+def _run(cfg: TrainConfig, rt: Runtime, resumed: dict[str, Any] | None, rep: Reporter, out_dir: Path) -> TrainResult:
     t_start = time.perf_counter()
     recipe = get_recipe(cfg.recipe)
-    data = load_data(cfg.data, cfg.data_dir)
-    rep.data_loaded(data)
-    if resumed is not None and list(resumed["class_names"]) != list(data.classes):
-        raise CifarkitError(
-            f"--resume: the checkpoint's classes {resumed['class_names']} differ from the data's {list(data.classes)}"
-        )
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, num_classes=data.num_classes)
-    batches = DeviceBatches(
-        data.train_x,
-        data.train_y,
-        batch_size=cfg.batch_size // dist.world_size,
-        device=device,
-        seed=cfg.seed,
-        mean=recipe.mean,
-        std=recipe.std,
-        channels_last=channels_last,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        translate=recipe.translate,
-        flip=recipe.flip,
-        drop_last=recipe.drop_last,
-    )
-    whiten = getattr(model, "whiten", None)
-    if resumed is not None:
-        model.load_state_dict(resumed["model_state"])
-    elif isinstance(whiten, nn.Conv2d):
-        # Patch-whitening init from the first 5,000 training images, unaugmented (airbench).
-        first = normalize_uint8(batches.x[:5000], batches.mean, batches.std).contiguous().cpu()
-        init_whitening(whiten, first)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, recipe, cfg.lr, cfg.batch_size, device)
-    if resumed is not None and resumed.get("optimizer_state"):
-        optimizer.load_state_dict(resumed["optimizer_state"])
-    step_model: nn.Module = model
-    if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        step_model = torch.compile(step_model)
-
+    data = _load_data(cfg, resumed, rep)
+    model, batches = _build_model(cfg, recipe, data, rt, resumed)
+    step_model = _wrap(model, rt, cfg.compile)
+    opt = _build_optimization(cfg, recipe, model, len(batches), rt, resumed)
+    start_epoch = int(resumed["epoch"]) if resumed else 0
     total_epochs = math.ceil(cfg.epochs)
-    total_steps = math.ceil(len(batches) * cfg.epochs)
-    start_epoch = int(resumed.get("epoch", 0)) if resumed else 0
-    plan = StepPlan(
-        loss_fn=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing, reduction=recipe.loss_reduction),
-        loss_scale=float(dist.world_size) if recipe.loss_reduction == "sum" else 1.0,
-        lr_factors=triangle_schedule(total_steps, *recipe.schedule) if recipe.schedule else None,
-        lookahead=Lookahead(model) if recipe.lookahead_every else None,
-        lookahead_every=recipe.lookahead_every,
-        total_steps=total_steps,
-        step=min(start_epoch * len(batches), total_steps),
+    parameters = count_parameters(model)
+    rep.start(
+        {
+            **rt.info(),
+            "compile": cfg.compile,
+            "recipe": recipe.name,
+            "model": cfg.model,
+            "parameters": parameters,
+            "train_images": len(data.train_y),
+            "test_images": len(data.test_y),
+            "start_epoch": start_epoch,
+            "epochs": total_epochs,
+            "steps_per_epoch": len(batches),
+            "out": str(out_dir),
+        }
     )
-    if resumed is not None and plan.lookahead is not None and resumed.get("lookahead_state"):
-        plan.lookahead.ema = {k: v.to(device) for k, v in resumed["lookahead_state"].items()}
 
-    history = resumed.get("history") if resumed else None
-    history = history or {
-        "loss": [],
-        "epoch_seconds": [],
-        "images_per_second": [],
-        "test_accuracy": [],
-        "test_loss": [],
-        "elapsed_seconds": [],
-    }
-    info = {
-        "device": str(device),
-        "precision": precision,
-        "channels_last": channels_last,
-        "compile": cfg.compile,
-        "allocator_tuned": allocator_tuned,
-        "recipe": recipe.name,
-        "model": cfg.model,
-        "parameters": count_parameters(model),
-        "train_images": len(data.train_y),
-        "test_images": len(data.test_y),
-        "start_epoch": start_epoch,
-        "epochs": total_epochs,
-        "steps_per_epoch": len(batches),
-        "world_size": dist.world_size,
-        "out": str(out_dir),
-    }
-    rep.start(info)
-
-    run_seconds: list[float] = []
-    metrics: Metrics | None = None
-    elapsed = history["elapsed_seconds"][-1] if history["elapsed_seconds"] else 0.0
-    eval_kwargs = dict(
-        device=device,
-        batch_size=cfg.eval_batch_size,
-        mean=recipe.mean,
-        std=recipe.std,
-        rank=dist.rank,
-        world_size=dist.world_size,
-    )
+    # ---- per epoch: train, evaluate if due, record, checkpoint, report -----------------------------------
+    history = [EpochRecord(**r) for r in resumed["history"]] if resumed else []
+    metrics: Metrics | None = None  # the latest evaluation
     for epoch in range(start_epoch, total_epochs):
+        last = epoch + 1 == total_epochs
         rep.epoch_start(epoch, total_epochs, len(batches))
         t0 = time.perf_counter()
-        on_step = _step_reporter(rep, epoch, total_epochs, cfg, len(batches), t0, device)
-        losses = train_one_epoch(step_model, batches, optimizer, epoch, precision=precision, plan=plan, on_step=on_step)
-        last = epoch + 1 == total_epochs
-        if last and plan.lookahead is not None:
-            plan.lookahead.update(model, decay=1.0)  # the EMA becomes the final weights
-        _sync(device)
+        on_step = _step_reporter(rep, epoch, total_epochs, cfg, len(batches), t0, rt.device)
+        losses = train_one_epoch(step_model, batches, opt, epoch, precision=rt.precision, on_step=on_step)
+        if last and opt.lookahead is not None:
+            opt.lookahead.update(model, decay=1.0)  # the EMA becomes the final weights
+        rt.synchronize()
         seconds = time.perf_counter() - t0
         if not torch.isfinite(losses).all():
             raise CifarkitError(f"training diverged in epoch {epoch + 1} (loss is not finite); lower --lr")
-        if dist.world_size > 1:
-            import torch.distributed as tdist
+        losses = _mean_over_ranks(losses, rt)
 
-            losses = losses.to(device)
-            tdist.all_reduce(losses)
-            losses = (losses / dist.world_size).cpu()
-        images = len(losses) * batches.batch_size * dist.world_size
+        # The accuracy curve is cheap: no TTA, the training precision. The final figure is what the exported
+        # model gives: fp32 with the recipe's TTA.
+        tta = recipe.tta if last else "none"
+        tested = None
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            # The accuracy curve is cheap: no TTA, the training precision. The final figure is what the
-            # exported model gives: fp32 with the recipe's TTA.
-            metrics = evaluate(
-                model,
-                data.test_x,
-                data.test_y,
-                data.classes,
-                tta=recipe.tta if last else "none",
-                precision="fp32" if last else precision,
-                **eval_kwargs,
-            )
-            history["test_accuracy"].append(metrics.accuracy)
-            history["test_loss"].append(metrics.loss)
-        else:
-            history["test_accuracy"].append(None)
-            history["test_loss"].append(None)
-        elapsed += time.perf_counter() - t0
-        run_seconds.append(seconds)
-        history["loss"].extend(float(v) for v in losses.tolist())
-        history["epoch_seconds"].append(seconds)
-        history["images_per_second"].append(images / seconds)
-        history["elapsed_seconds"].append(elapsed)
-        if dist.main:
-            state = _checkpoint_state(cfg, recipe, model, optimizer, plan, data, epoch + 1, history, metrics, info)
-            save_checkpoint(out_dir / "checkpoint.pt", state)
-        rep.epoch_end(
-            epoch,
-            total_epochs,
-            {
-                "seconds": seconds,
-                "train_loss": float(losses.mean()),
-                "images_per_second": images / seconds,
-                "test_accuracy": history["test_accuracy"][-1],
-                "test_loss": history["test_loss"][-1],
-                "tta": recipe.tta if last else "none",
-                "elapsed": elapsed,
-            },
-        )
+            deployed = DeployedModel(model, recipe.mean, recipe.std, tta)
+            precision = "fp32" if last else rt.precision
+            tested = metrics = evaluate(
+                deployed, data.test_x, data.test_y, data.classes, device=rt.device,
+                batch_size=cfg.eval_batch_size, precision=precision, dist=rt.dist,
+            )  # fmt: skip
 
+        record = EpochRecord(
+            epoch=epoch + 1,
+            losses=[float(v) for v in losses.tolist()],
+            seconds=seconds,
+            images_per_second=len(losses) * batches.batch_size * rt.dist.world_size / seconds,
+            test_accuracy=tested.accuracy if tested else None,
+            test_loss=tested.loss if tested else None,
+            tta=tta,
+            elapsed=(history[-1].elapsed if history else 0.0) + time.perf_counter() - t0,
+        )
+        history.append(record)
+        if rt.dist.main:
+            save_checkpoint(
+                out_dir / "checkpoint.pt", _checkpoint_state(cfg, recipe, model, opt, data, rt, history, metrics)
+            )
+        rep.epoch_end(record, total_epochs)
+
+    # ---- summary ---------------------------------------------------------------------------------------
     assert metrics is not None  # the last epoch always evaluates, and at least one epoch ran
-    summary = {
+    facts = {
         "recipe": recipe.name,
         "model": cfg.model,
-        "parameters": info["parameters"],
+        "parameters": parameters,
         "data": data.source,
         "data_kind": data.kind,
         "classes": list(data.classes),
         "epochs": cfg.epochs,
-        "test": metrics.to_dict(),
         "tta": recipe.tta,
-        "loss_per_batch": history["loss"],
-        "epoch_seconds": history["epoch_seconds"],
-        "images_per_second": history["images_per_second"],
-        "test_accuracy_per_epoch": history["test_accuracy"],
-        "elapsed_seconds_per_epoch": history["elapsed_seconds"],
         "total_seconds": time.perf_counter() - t_start,
-        "device": str(device),
-        "precision": precision,
-        "channels_last": channels_last,
+        **rt.info(),
         "compile": cfg.compile,
-        "optimizer": type(optimizer).__name__ + (" (fused)" if optimizer.defaults.get("fused") else ""),
+        "optimizer": type(opt.optimizer).__name__ + (" (fused)" if opt.optimizer.defaults.get("fused") else ""),
         "threads": torch.get_num_threads(),
-        "allocator_tuned": allocator_tuned,
-        "world_size": dist.world_size,
         "data_load_seconds": data.load_seconds,
         "data_from_cache": data.from_cache,
         "resumed_from_epoch": start_epoch if resumed else None,
         "train_config": asdict(cfg),
-        "versions": versions(),
+        "versions": _versions(),
     }
-    if dist.main:
-        atomic.write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
-        plot_loss(history["loss"], out_dir / "loss.png", steps_per_epoch=len(batches))
-    ips = sorted(history["images_per_second"][start_epoch:])
+    summary = report.summary(history, metrics, facts)
+    if rt.dist.main:
+        report.write_run_files(out_dir, summary, steps_per_epoch=len(batches))
+    this_call = history[start_epoch:]
+    ips = sorted(r.images_per_second for r in this_call)
     return TrainResult(
         out_dir=out_dir,
         checkpoint=out_dir / "checkpoint.pt",
         metrics=metrics,
         epochs_run=total_epochs - start_epoch,
-        epoch_seconds=run_seconds,
+        epoch_seconds=[r.seconds for r in this_call],
         images_per_second=ips[len(ips) // 2],
-        device=str(device),
-        precision=precision,
-        channels_last=channels_last,
+        device=str(rt.device),
+        precision=rt.precision,
+        channels_last=rt.channels_last,
         summary=summary,
-        rank=dist.rank,
+        rank=rt.dist.rank,
     )
+
+
+# ---- the run's phases -------------------------------------------------------------------------------------
+
+
+def _load_data(cfg: TrainConfig, resumed: dict[str, Any] | None, rep: Reporter) -> CifarData:
+    data = load_data(cfg.data, cfg.data_dir)
+    rep.data_loaded(data)
+    if resumed is not None and list(resumed["artifact"]["class_names"]) != list(data.classes):
+        raise CifarkitError(
+            f"--resume: the checkpoint's classes {resumed['artifact']['class_names']} differ from the data's "
+            f"{list(data.classes)}"
+        )
+    return data
+
+
+def _build_model(
+    cfg: TrainConfig, recipe: Recipe, data: CifarData, rt: Runtime, resumed: dict[str, Any] | None
+) -> tuple[Net, DeviceBatches]:
+    """The net (seeded init, then the checkpoint's weights or its data-dependent init) on the device, and
+    the training split on the device as batches."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, num_classes=data.num_classes)
+    batches = DeviceBatches(
+        data.train_x,
+        data.train_y,
+        batch_size=cfg.batch_size // rt.dist.world_size,
+        device=rt.device,
+        mean=recipe.mean,
+        std=recipe.std,
+        seed=cfg.seed,
+        channels_last=rt.channels_last,
+        rank=rt.dist.rank,
+        world_size=rt.dist.world_size,
+        translate=recipe.translate,
+        flip=recipe.flip,
+        drop_last=recipe.drop_last,
+    )
+    if resumed is not None:
+        model.load_state_dict(resumed["model_state"])
+    else:
+        model.init_from_data(batches.x, batches.mean, batches.std)
+    model = model.to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, batches
+
+
+def _wrap(model: nn.Module, rt: Runtime, compile: bool) -> nn.Module:
+    """What the training step calls: DistributedDataParallel under torchrun, torch.compile on request."""
+    if rt.dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [rt.device.index] if rt.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids)  # broadcasts rank 0's weights
+    return torch.compile(model) if compile else model
+
+
+def _build_optimization(
+    cfg: TrainConfig, recipe: Recipe, model: Net, steps_per_epoch: int, rt: Runtime, resumed: dict[str, Any] | None
+) -> Optimization:
+    """The recipe's optimization, positioned where a resumed run stopped (step, optimizer and EMA state)."""
+    total_steps = math.ceil(steps_per_epoch * cfg.epochs)
+    opt = make_optimization(
+        model,
+        recipe,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        device=rt.device,
+        total_steps=total_steps,
+        world_size=rt.dist.world_size,
+    )
+    if resumed is not None:
+        opt.step = min(int(resumed["epoch"]) * steps_per_epoch, total_steps)
+        if resumed.get("optimizer_state"):
+            opt.optimizer.load_state_dict(resumed["optimizer_state"])
+        if opt.lookahead is not None and resumed.get("lookahead_state"):
+            opt.lookahead.ema = {k: v.to(rt.device) for k, v in resumed["lookahead_state"].items()}
+    return opt
+
+
+def _mean_over_ranks(losses: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if rt.dist.world_size == 1:
+        return losses
+    losses = losses.to(rt.device)
+    rt.dist.all_reduce_sum_(losses)
+    return (losses / rt.dist.world_size).cpu()
 
 
 def _step_reporter(
     rep: Reporter, epoch: int, epochs: int, cfg: TrainConfig, steps: int, t0: float, device: torch.device
-):
+) -> Callable[[int, torch.Tensor], None]:
     """Calls rep.step every `every` batches with the mean loss since the last call. On CPU reading the loss
     costs nothing; on a GPU it syncs, so it happens at most every 50 batches."""
     wanted = max(1, getattr(rep, "every", None) or cfg.log_every)
@@ -811,88 +590,47 @@ def _step_reporter(
     return on_step
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+def _versions() -> dict[str, str]:
+    return versions("torch", "torchvision", "numpy", "python")
 
 
 def _checkpoint_state(
     cfg: TrainConfig,
     recipe: Recipe,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    plan: StepPlan,
+    opt: Optimization,
     data: CifarData,
-    epoch: int,
-    history: dict[str, list],
+    rt: Runtime,
+    history: list[EpochRecord],
     metrics: Metrics | None,
-    info: dict[str, Any],
 ) -> dict[str, Any]:
+    """Everything cifarkit.checkpoint documents, as plain data on the CPU."""
+
     def cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone() for k, v in tensors.items()}
 
+    artifact = ArtifactMeta(
+        class_names=tuple(data.classes),
+        model_name=cfg.model,
+        mean=recipe.mean,
+        std=recipe.std,
+        tta=recipe.tta,
+        test_accuracy=None if metrics is None else round(metrics.accuracy, 6),
+    )
     return {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
-        "model_name": cfg.model,
+        "artifact": artifact.to_dict(),
         "model_kwargs": {},
-        "class_names": list(data.classes),
-        "image_size": list(IMAGE_SIZE),
-        "mean": list(recipe.mean),
-        "std": list(recipe.std),
-        "resize_mode": RESIZE_MODE,
-        "resize_filter": RESIZE_FILTER,
-        "tta": recipe.tta,
+        "model_state": cpu(model.state_dict()),
         "recipe": asdict(recipe),
         "train_config": asdict(cfg),
-        "epoch": epoch,
-        "model_state": cpu(model.state_dict()),
-        "optimizer_state": optimizer.state_dict(),
-        "lookahead_state": cpu(plan.lookahead.ema) if plan.lookahead is not None else None,
-        "history": history,
+        "epoch": history[-1].epoch,
+        "optimizer_state": opt.optimizer.state_dict(),
+        "lookahead_state": cpu(opt.lookahead.ema) if opt.lookahead is not None else None,
+        "history": [asdict(r) for r in history],
         "metrics": metrics.to_dict() if metrics is not None else None,
         "data_source": data.source,
-        "precision": info["precision"],
-        "device": info["device"],
-        "world_size": info["world_size"],
-        "versions": versions(),
+        "runtime": rt.info(),
+        "versions": _versions(),
     }
-
-
-def smooth(values: list[float], window: int) -> np.ndarray:
-    """Trailing moving average (the first points average what exists so far)."""
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) == 0:
-        return v
-    c = np.cumsum(np.insert(v, 0, 0.0))
-    idx = np.arange(1, len(v) + 1)
-    lo = np.maximum(0, idx - window)
-    return (c[idx] - c[lo]) / (idx - lo)
-
-
-def plot_loss(losses: list[float], path: Path, *, steps_per_epoch: int) -> None:
-    """loss.png: the loss of every batch and a smoothed curve, epochs marked. Written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    steps = np.arange(1, len(losses) + 1)
-    ax.plot(steps, losses, color="#9ecae1", linewidth=0.6, label="loss per batch")
-    ax.plot(steps, smooth(losses, max(10, steps_per_epoch // 20)), color="#08519c", linewidth=1.8, label="smoothed")
-    for e in range(steps_per_epoch, len(losses), steps_per_epoch):
-        ax.axvline(e, color="#bbbbbb", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("batch (optimizer step)")
-    ax.set_ylabel("cross-entropy loss")
-    ax.set_title("training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)

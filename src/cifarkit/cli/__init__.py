@@ -25,7 +25,7 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 def guarded(fn: Callable[[], T], *, debug: bool) -> T:
     """Run `fn`; a CifarkitError becomes one line on stderr and exit 2, Ctrl-C exit 130, and any other
     exception a short message and exit 1 (the full traceback with --debug)."""
-    from cifarkit.errors import CifarkitError
+    from cifarkit.errors import CifarkitError, first_line
 
     try:
         return fn()
@@ -40,8 +40,7 @@ def guarded(fn: Callable[[], T], *, debug: bool) -> T:
         if debug:
             traceback.print_exc()
             raise SystemExit(EXIT_FAILED) from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        fail(f"{type(exc).__name__}: {first} (run again with --debug for the traceback)", EXIT_FAILED)
+        fail(f"{type(exc).__name__}: {first_line(exc)} (run again with --debug for the traceback)", EXIT_FAILED)
 
 
 def make_app(help_text: str):

@@ -11,8 +11,6 @@ nothing written), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 import time
@@ -26,21 +24,17 @@ from cifarkit.cli import EXIT_FAILED, EXIT_OK, fail, guarded
 # matrix products this command never does (onnxruntime has its own kernels). Set before numpy is imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from cifarkit.infer import (  # noqa: E402
-    DEFAULT_BATCH_SIZE,
-    MODEL_ENV,
-    Classifier,
-    Failure,
-    Prediction,
-    iter_image_files,
-    resolve_model_path,
-)
+from cifarkit.cli.writers import FORMATS, Writer  # noqa: E402
+from cifarkit.errors import CifarkitError  # noqa: E402
+from cifarkit.infer import DEFAULT_BATCH_SIZE, Classifier, Failure, iter_image_files  # noqa: E402
+
+MODEL_ENV = "CIFARKIT_MODEL"  # where the command looks for a model when --model is not given
+DEFAULT_MODEL = "model.onnx"  # ... and then in the current folder
 
 DESCRIPTION = (
     "Classify image files and folders (any size, JPEG/PNG/BMP/GIF/WebP/TIFF) with an exported model.onnx. "
     "Exit status: 0 all classified, 1 some inputs failed (each named on stderr), 2 usage error."
 )
-FORMATS = ("table", "csv", "json", "jsonl")
 PROGRESS = ("auto", "bar", "none")
 BAR_AFTER_S = 1.0  # --progress auto shows a bar only once a run has lasted this long: short runs stay quiet
 
@@ -117,8 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     clf = guarded(lambda: Classifier.from_file(resolve_model_path(model)), debug=debug)
     if top_k > len(clf.labels):
         fail(f"--top-k {top_k} is more than the model's {len(clf.labels)} classes")
-    run = _Run(clf, paths, fmt=fmt, top_k=top_k, batch_size=batch_size, threads=threads, progress=progress)
-    stats = guarded(lambda: run.to_file(output) if output else run.to_stdout(), debug=debug)
+
+    def run() -> Stats:
+        kwargs = dict(fmt=fmt, top_k=top_k, batch_size=batch_size, threads=threads, progress=progress)
+        if output:
+            return classify_to_file(clf, paths, output, **kwargs)
+        return classify_to_stdout(clf, paths, **kwargs)
+
+    stats = guarded(run, debug=debug)
     if stats.failed:
         total = stats.done + stats.failed
         print(f"{stats.failed} of {total} input(s) failed; see the lines above", file=sys.stderr)
@@ -128,6 +128,21 @@ def main(argv: list[str] | None = None) -> int:
 def app(argv: list[str] | None = None) -> None:
     """The console script's entry point."""
     raise SystemExit(main(argv))
+
+
+def resolve_model_path(model: str | None) -> str:
+    """The --model rule: the given path, else $CIFARKIT_MODEL, else model.onnx in the current folder."""
+    if model:
+        return model
+    env = os.environ.get(MODEL_ENV)
+    if env:
+        return env
+    if os.path.exists(DEFAULT_MODEL):
+        return DEFAULT_MODEL
+    raise CifarkitError(
+        f"no model: pass --model MODEL.onnx, set ${MODEL_ENV}, or run in a folder holding {DEFAULT_MODEL} "
+        "(make one with cifar-export CHECKPOINT --out FOLDER)"
+    )
 
 
 def _check_output(output: str) -> None:
@@ -152,68 +167,62 @@ class Stats:
     seconds: float = 0.0  # wall time of the classification, model loading excluded
 
 
-class _Run:
-    def __init__(
-        self,
-        clf: Classifier,
-        paths: list[str],
-        *,
-        fmt: str,
-        top_k: int,
-        batch_size: int,
-        threads: int | None,
-        progress: str,
-    ) -> None:
-        self.clf, self.paths, self.fmt, self.top_k = clf, paths, fmt, top_k
-        self.batch_size, self.threads, self.progress = batch_size, threads, progress
+def classify_to_file(clf: Classifier, paths: list[str], output: str, **kwargs: Any) -> Stats:
+    """The rows stream into a temporary file beside OUTPUT, renamed over it at the end: an interrupted or
+    crashed run leaves the old file (or none), never half of one."""
+    from cifarkit.atomic import atomic_path
 
-    def to_file(self, output: str) -> Stats:
-        from cifarkit.atomic import atomic_path
+    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        return classify(clf, paths, f, to_terminal=False, **kwargs)
 
-        # The rows stream into a temporary file beside OUTPUT, renamed over it at the end: an interrupted
-        # or crashed run leaves the old file (or none), never half of one.
-        with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-            stats = self._stream(f, to_terminal=False)
-        return stats
 
-    def to_stdout(self) -> Stats:
-        out = _StdoutProxy()
-        try:
-            return self._stream(out, to_terminal=sys.stdout.isatty())
-        except BrokenPipeError:
-            # `cifar-infer photos/ | head`: the reader is gone. Stop quietly; point stdout at /dev/null so that
-            # the interpreter's final flush does not raise again.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            raise SystemExit(EXIT_FAILED) from None
+def classify_to_stdout(clf: Classifier, paths: list[str], **kwargs: Any) -> Stats:
+    try:
+        return classify(clf, paths, _StdoutProxy(), to_terminal=sys.stdout.isatty(), **kwargs)
+    except BrokenPipeError:
+        # `cifar-infer photos/ | head`: the reader is gone. Stop quietly; point stdout at /dev/null so that
+        # the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(EXIT_FAILED) from None
 
-    def _stream(self, f: IO[str] | _StdoutProxy, *, to_terminal: bool) -> Stats:
-        writer = _WRITERS[self.fmt](f, self.clf.labels, self.top_k)
-        bar = _Bar(self.progress, stdout_is_terminal=to_terminal)
-        stats = Stats()
-        t0 = time.perf_counter()
-        writer.start()
-        try:
-            results = self.clf.predict_paths(
-                iter_image_files(self.paths), top_k=self.top_k, batch_size=self.batch_size, threads=self.threads
-            )
-            for r in results:
-                if isinstance(r, Failure):
-                    stats.failed += 1
-                    bar.say(f"error: {r.message}")
-                else:
-                    stats.done += 1
-                    writer.row(r)
-                    if stats.done % self.batch_size == 0:
-                        f.flush()  # a reader downstream of a pipe sees each batch as it is done
-                bar.update(stats)
-            writer.end()
-            f.flush()
-        finally:
-            bar.close()
-        stats.seconds = time.perf_counter() - t0
-        bar.summary(stats)
-        return stats
+
+def classify(
+    clf: Classifier,
+    paths: list[str],
+    f: IO[str] | _StdoutProxy,
+    *,
+    fmt: str,
+    top_k: int,
+    batch_size: int,
+    threads: int | None,
+    progress: str,
+    to_terminal: bool,
+) -> Stats:
+    """Classify every image under `paths` and write a row for each as it comes; failures go to stderr."""
+    writer = Writer(f, fmt, clf.labels, top_k)
+    bar = _Bar(progress, stdout_is_terminal=to_terminal)
+    stats = Stats()
+    t0 = time.perf_counter()
+    writer.start()
+    try:
+        for r in clf.predict_paths(iter_image_files(paths), top_k=top_k, batch_size=batch_size, threads=threads):
+            if isinstance(r, Failure):
+                stats.failed += 1
+                bar.say(f"error: {r.message}")
+            else:
+                stats.done += 1
+                writer.row(r)
+                if stats.done % batch_size == 0:
+                    f.flush()  # a reader downstream of a pipe sees each batch as it is done
+            bar.update(stats)
+        writer.end()
+        f.flush()
+    finally:
+        bar.close()
+    stats.seconds = time.perf_counter() - t0
+    bar.summary(stats)
+    return stats
 
 
 class _StdoutProxy:
@@ -228,80 +237,6 @@ class _StdoutProxy:
 
     def flush(self) -> None:
         sys.stdout.flush()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Output formats
-# ---------------------------------------------------------------------------------------------------------
-
-
-class _TableWriter:
-    """Aligned columns, path last: rows are printed as they come, so the widths must be known up front, and
-    the label width is (from the model's class names) while the path width is not."""
-
-    def __init__(self, f: Any, labels: tuple[str, ...], top_k: int) -> None:
-        self.f, self.k = f, top_k
-        self.width = max(5, *(len(label) for label in labels))
-
-    def start(self) -> None:
-        cells = [f"{'label' if i == 0 else f'#{i + 1}':<{self.width}}   prob" for i in range(self.k)]
-        self.f.write("  ".join(cells) + "  path\n")
-
-    def row(self, p: Prediction) -> None:
-        cells = [f"{label:<{self.width}} {100 * prob:5.1f}%" for label, prob in p.top_k]
-        self.f.write("  ".join(cells) + f"  {p.source}\n")
-
-    def end(self) -> None: ...
-
-
-class _CsvWriter:
-    """path,label,index,probability then label_2,probability_2,... for --top-k > 1."""
-
-    def __init__(self, f: Any, labels: tuple[str, ...], top_k: int) -> None:
-        self.w = csv.writer(f, lineterminator="\n")
-        self.k = top_k
-
-    def start(self) -> None:
-        extra = [c for i in range(2, self.k + 1) for c in (f"label_{i}", f"probability_{i}")]
-        self.w.writerow(["path", "label", "index", "probability", *extra])
-
-    def row(self, p: Prediction) -> None:
-        extra = [v for label, prob in p.top_k[1:] for v in (label, f"{prob:.6f}")]
-        self.w.writerow([p.source, p.label, p.index, f"{p.probability:.6f}", *extra])
-
-    def end(self) -> None: ...
-
-
-class _JsonlWriter:
-    """One JSON object a line: {"path", "label", "index", "probability", "top_k": [{"label", "probability"}]}."""
-
-    def __init__(self, f: Any, labels: tuple[str, ...], top_k: int) -> None:
-        self.f = f
-
-    def start(self) -> None: ...
-
-    def row(self, p: Prediction) -> None:
-        self.f.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
-
-    def end(self) -> None: ...
-
-
-class _JsonWriter(_JsonlWriter):
-    """One JSON array of the jsonl objects, still written row by row."""
-
-    def start(self) -> None:
-        self.f.write("[")
-        self.sep = "\n"
-
-    def row(self, p: Prediction) -> None:
-        self.f.write(self.sep + json.dumps(p.to_dict(), ensure_ascii=False))
-        self.sep = ",\n"
-
-    def end(self) -> None:
-        self.f.write("\n]\n")
-
-
-_WRITERS = {"table": _TableWriter, "csv": _CsvWriter, "json": _JsonWriter, "jsonl": _JsonlWriter}
 
 
 # ---------------------------------------------------------------------------------------------------------

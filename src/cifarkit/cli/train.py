@@ -150,13 +150,13 @@ class _LineReporter:
     def step(self, epoch: int, epochs: int, step: int, steps: int, loss: float, ips: float) -> None:
         self._say(f"Epoch [{epoch + 1}/{epochs}], Batch [{step}/{steps}], Loss: {loss:.4f}")
 
-    def epoch_end(self, epoch: int, epochs: int, stats: dict[str, Any]) -> None:
-        acc = stats["test_accuracy"]
-        tta = f" (TTA {stats['tta']})" if stats.get("tta", "none") != "none" else ""
+    def epoch_end(self, record: Any, epochs: int) -> None:
+        acc = record.test_accuracy
+        tta = f" (TTA {record.tta})" if record.tta != "none" else ""
         acc_text = f", test accuracy {100 * acc:.2f} %{tta}" if acc is not None else ""
         self._say(
-            f"Epoch [{epoch + 1}/{epochs}] done in {stats['seconds']:.2f} s "
-            f"({stats['images_per_second']:,.0f} images/s){acc_text}, {stats['elapsed']:.1f} s elapsed"
+            f"Epoch [{record.epoch}/{epochs}] done in {record.seconds:.2f} s "
+            f"({record.images_per_second:,.0f} images/s){acc_text}, {record.elapsed:.1f} s elapsed"
         )
 
     def close(self) -> None: ...
@@ -199,9 +199,9 @@ class _BarReporter(_LineReporter):
     def step(self, epoch: int, epochs: int, step: int, steps: int, loss: float, ips: float) -> None:
         self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", ips=f"{ips:,.0f}")
 
-    def epoch_end(self, epoch: int, epochs: int, stats: dict[str, Any]) -> None:
+    def epoch_end(self, record: Any, epochs: int) -> None:
         self.progress.remove_task(self.task)
-        super().epoch_end(epoch, epochs, stats)
+        super().epoch_end(record, epochs)
 
     def close(self) -> None:
         if self.started:

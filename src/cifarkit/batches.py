@@ -1,0 +1,121 @@
+"""Batching from memory on the training device, with augmentation done there, batched.
+
+A split lives on the device as one uint8 tensor; every batch is gathered, augmented and normalized there,
+so there is no per-sample PIL work and no worker process.
+
+    batches = DeviceBatches(data.train_x, data.train_y, batch_size=32, device=device,
+                            mean=recipe.mean, std=recipe.std)
+    for x, y in batches.epoch(0): ...    # x: [B, 3, 32, 32] float32 normalized, y: [B] int64
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from cifarkit.models import channel_tensor, normalize_uint8
+
+
+class DeviceBatches:
+    """Holds a split as one uint8 tensor on `device` and serves normalized batches from it.
+
+    Every epoch is a fresh permutation drawn from a generator seeded with (seed, epoch), so a resumed run
+    sees exactly the order an uninterrupted run would have. With `world_size` > 1 each rank takes an equal,
+    disjoint share of every epoch's permutation (DistributedSampler's rule: pad by wrapping).
+
+    Augmentation, batched on the device (airbench's scheme): `translate` shifts every image by up to that
+    many pixels in x and y (reflect padding); `flip` mirrors a fixed random half of the images and then
+    flips all of them every other epoch, which sees both views more evenly than independent coin flips."""
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        batch_size: int,
+        device: torch.device,
+        mean: Sequence[float],
+        std: Sequence[float],
+        shuffle: bool = True,
+        seed: int = 0,
+        channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        translate: int = 0,
+        flip: bool = False,
+        drop_last: bool = False,
+    ) -> None:
+        self.x = torch.from_numpy(x).to(device)  # uint8 [N, H, W, 3]
+        self.y = torch.from_numpy(y).to(device)  # int64 [N]
+        self.batch_size = batch_size
+        self.device = device
+        self.shuffle = shuffle
+        self.seed = seed
+        self.mean = channel_tensor(mean, device)  # [1, 3, 1, 1] float32
+        self.std = channel_tensor(std, device)
+        self.channels_last = channels_last
+        self.rank = rank
+        self.world_size = world_size
+        self.translate = translate
+        self.drop_last = drop_last
+        self.flip_mask: torch.Tensor | None = None
+        if flip:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + 7_777)
+            self.flip_mask = (torch.rand(len(y), generator=g) < 0.5).to(device)  # [N] bool
+        self.padded: torch.Tensor | None = None
+        if translate:
+            p = translate  # reflect-pad once: [N, H + 2p, W + 2p, 3] uint8
+            self.padded = torch.from_numpy(np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")).to(device)
+
+    def __len__(self) -> int:
+        n = self.per_rank
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def per_rank(self) -> int:
+        n = len(self.y)
+        return -(-n // self.world_size) if self.world_size > 1 else n
+
+    def _generator(self, epoch: int, salt: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + salt)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        n = len(self.y)
+        idx = torch.randperm(n, generator=self._generator(epoch)) if self.shuffle else torch.arange(n)
+        if self.world_size > 1:
+            total = self.per_rank * self.world_size
+            if total > n:
+                idx = torch.cat([idx, idx[: total - n]])
+            idx = idx[self.rank : total : self.world_size]
+        return idx.to(self.device)
+
+    def images(self, epoch: int) -> torch.Tensor:
+        """This epoch's augmented uint8 [N, H, W, 3] images (the stored ones when augmentation is off)."""
+        x = self.x
+        if self.padded is not None:
+            r = self.translate
+            h, w = x.shape[1], x.shape[2]
+            shifts = torch.randint(-r, r + 1, (len(x), 2), generator=self._generator(epoch, 500_009)).to(self.device)
+            out = torch.empty_like(x)
+            for sy in range(-r, r + 1):  # (2r+1)^2 masked copies: fast for r <= 2 (airbench's batch_crop)
+                for sx in range(-r, r + 1):
+                    mask = (shifts[:, 0] == sy) & (shifts[:, 1] == sx)
+                    out[mask] = self.padded[mask, r + sy : r + sy + h, r + sx : r + sx + w]
+            x = out
+        if self.flip_mask is not None:
+            mask = self.flip_mask ^ bool(epoch % 2)
+            x = torch.where(mask.view(-1, 1, 1, 1), x.flip(2), x)
+        return x
+
+    def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self.order(epoch)
+        x = self.images(epoch)
+        stop = len(self) * self.batch_size if self.drop_last else len(idx)
+        for start in range(0, stop, self.batch_size):
+            b = idx[start : start + self.batch_size]
+            xb = normalize_uint8(x.index_select(0, b), self.mean, self.std)
+            if not self.channels_last:
+                xb = xb.contiguous()
+            yield xb, self.y.index_select(0, b)
