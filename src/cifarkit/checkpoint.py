@@ -34,6 +34,7 @@ import torch
 
 from cifarkit.atomic import atomic_path
 from cifarkit.errors import CifarkitError, first_line
+from cifarkit.files import regular_file_problem
 from cifarkit.models import DeployedModel, Net, build_model
 from cifarkit.spec import IMAGE_SIZE, RESIZE_FILTER, RESIZE_MODE, ArtifactMeta
 
@@ -51,44 +52,98 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a cifarkit checkpoint with weights_only=True, upgraded to the current format version. Missing,
-    corrupt or foreign files are CifarkitErrors."""
+    """Read a cifarkit checkpoint with weights_only=True, upgraded to the current format version, every field
+    checked for its type. Missing, irregular, corrupt or foreign files are CifarkitErrors naming the file."""
     path = Path(path)
-    if not path.exists():
+    problem = regular_file_problem(path)
+    if problem == "no such file or folder":
         raise CifarkitError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise CifarkitError(f"checkpoint {path} is a folder, expected a checkpoint.pt file")
+    if problem is not None:
+        raise CifarkitError(f"checkpoint {path}: {problem}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about the pickle protocol of foreign files
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        text = str(exc)
-        if "Unsupported global" in text:
-            why = "it holds pickled Python objects, not plain data (refusing to unpickle them)"
-        elif "WeightsUnpickler" in text or "invalid load key" in text or "zip archive" in text:
-            why = "not a PyTorch checkpoint, or the file is corrupt or truncated"
-        else:
-            why = first_line(exc, 160)
-        raise CifarkitError(f"checkpoint {path} cannot be read: {why}") from None
+        raise CifarkitError(f"checkpoint {path} cannot be read: {_load_error(exc)}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CifarkitError(f"checkpoint {path} is not a cifarkit checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     version = state.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CifarkitError(f"checkpoint {path} has a bad format_version {version!r}")
     if version > CHECKPOINT_VERSION:
         raise CifarkitError(
             f"checkpoint {path} has format version {version}, this cifarkit reads up to "
             f"{CHECKPOINT_VERSION}; upgrade cifarkit"
         )
-    if version < 2:
-        state = _upgrade_v1(state, path)
+    try:
+        if version < 2:
+            state = _upgrade_v1(state, path)
+        _check_fields(state)
+        ArtifactMeta.from_dict(state["artifact"])
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise CifarkitError(f"checkpoint {path} is malformed: {first_line(exc, 160)}") from None
+    return state
+
+
+def _load_error(exc: Exception) -> str:
+    """torch.load's failure in one sentence of ours (its own messages run to paragraphs)."""
+    text = str(exc)
+    refused = ("Weights only load failed", "Unsupported global", "unsupported GLOBAL", "WeightsUnpickler")
+    if any(marker in text for marker in refused):
+        return "it holds pickled Python objects, not plain data (refusing to unpickle them)"
+    if (
+        "invalid load key" in text
+        or "zip archive" in text
+        or "central directory" in text
+        or "PytorchStreamReader" in text
+    ):
+        return "not a PyTorch checkpoint, or the file is corrupt or truncated"
+    if isinstance(exc, (EOFError, RecursionError, MemoryError)):
+        return f"not a PyTorch checkpoint, or the file is corrupt or truncated ({type(exc).__name__})"
+    return first_line(exc, 160)
+
+
+# field -> (accepted types, may be None)
+_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "artifact": ((dict,), False),
+    "model_kwargs": ((dict,), False),
+    "model_state": ((dict,), False),
+    "recipe": ((dict,), True),
+    "train_config": ((dict,), True),
+    "epoch": ((int,), True),
+    "optimizer_state": ((dict,), True),
+    "lookahead_state": ((dict,), True),
+    "history": ((list,), True),
+    "metrics": ((dict,), True),
+}
+
+
+def _check_fields(state: dict[str, Any]) -> None:
+    """Each field has the type cifarkit writes: a crafted plain-data file must fail here, with its field
+    named, not deep inside training or export."""
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
-        raise CifarkitError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
-    try:
-        ArtifactMeta.from_dict(state["artifact"])
-    except (ValueError, TypeError) as exc:
-        raise CifarkitError(f"checkpoint {path} has a bad artifact contract: {first_line(exc, 160)}") from None
-    return state
+        raise ValueError(f"missing {', '.join(missing)}")
+    for key, (types, optional) in _FIELDS.items():
+        value = state.get(key)
+        if value is None and (optional or key not in state):
+            continue
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise TypeError(f"field {key!r} is {type(value).__name__}, expected {types[0].__name__}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model_state"].items()):
+        raise TypeError("field 'model_state' must map parameter names to tensors")
+    if not all(isinstance(k, str) for k in state["model_kwargs"]):
+        raise TypeError("field 'model_kwargs' must map argument names to values")
+    if state.get("epoch") is not None and state["epoch"] < 0:
+        raise ValueError(f"field 'epoch' is {state['epoch']}, expected 0 or more")
+    history = state.get("history") or []
+    if not all(isinstance(r, dict) and isinstance(r.get("losses", []), list) for r in history):
+        raise TypeError("field 'history' must be a list of per-epoch records")
+    config = state.get("train_config") or {}
+    epochs = config.get("epochs")
+    if epochs is not None and not (isinstance(epochs, (int, float)) and not isinstance(epochs, bool)):
+        raise TypeError(f"field 'train_config.epochs' is {type(epochs).__name__}, expected a number")
 
 
 def _upgrade_v1(state: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -142,13 +197,22 @@ def model_from_checkpoint(state: dict[str, Any]) -> Net:
     """Rebuild the net from the checkpoint alone, weights loaded, in eval mode, fp32, on the CPU."""
     meta = checkpoint_meta(state)
     model = build_model(meta.model_name, num_classes=len(meta.class_names), **state["model_kwargs"])
-    try:
-        model.load_state_dict(state["model_state"])
-    except RuntimeError as exc:
-        raise CifarkitError(
-            f"checkpoint weights do not fit model {meta.model_name!r}: {first_line(exc, 160)}"
-        ) from None
+    load_weights(model, state["model_state"], meta.model_name)
     return model.eval()
+
+
+def load_weights(model: Net, weights: dict[str, torch.Tensor], model_name: str) -> None:
+    """Load a state dict that must fit the model exactly and hold only finite numbers (a diverged or
+    doctored checkpoint must not be exported as "verified")."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, ValueError, KeyError) as exc:
+        raise CifarkitError(f"checkpoint weights do not fit model {model_name!r}: {first_line(exc, 160)}") from None
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CifarkitError(
+                f"checkpoint weights hold NaN or Inf (in {name!r}): the run diverged, or the file is damaged"
+            )
 
 
 def deployed_from_checkpoint(state: dict[str, Any]) -> DeployedModel:

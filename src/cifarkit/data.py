@@ -1,8 +1,9 @@
 """CIFAR-10 sources -> uint8 arrays, decoded once and cached. numpy and Pillow only: torch is imported
 only to download through torchvision (cifarkit.batches serves the arrays to the training device).
 
-Three sources, chosen by `load_data(source)`:
+Four sources, chosen by `load_data(source)`:
   "torchvision"        torchvision's CIFAR-10, downloaded on first use into `data_dir`
+  "sample"             the small real CIFAR-10 sample bundled with cifarkit (offline demos; see sample_root)
   PATH/                an extracted `cifar-10-batches-py` folder (or a folder holding one)
   PATH/                an ImageFolder root with train/<class>/* and test/<class>/* (any >= 2 classes)
 
@@ -23,9 +24,17 @@ import numpy as np
 
 from cifarkit.atomic import atomic_path
 from cifarkit.errors import CifarkitError, first_line
-from cifarkit.files import IMAGE_EXTENSIONS, chunked, default_threads, list_folder, ordered_map
+from cifarkit.files import (
+    IMAGE_EXTENSIONS,
+    NotRegularFile,
+    chunked,
+    default_threads,
+    list_folder,
+    open_regular,
+    ordered_map,
+)
 from cifarkit.preprocess import ImageError, load_image
-from cifarkit.spec import CIFAR10_CLASSES, IMAGE_SIZE, RESIZE_FILTER, RESIZE_MODE
+from cifarkit.spec import CIFAR10_CLASSES, IMAGE_SIZE, MAX_CLASSES, RESIZE_FILTER, RESIZE_MODE
 
 CACHE_VERSION = 1  # bump when the cached array layout or the preprocessing rule changes
 DEFAULT_SOURCE = "torchvision"
@@ -72,6 +81,8 @@ def load_data(
     cache_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     if source in ("torchvision", "download"):
         data = _load_torchvision(cache_dir)
+    elif source == SAMPLE_SOURCE:
+        data = _load_imagefolder(sample_root(cache_dir), cache_dir, threads=threads, progress=progress)
     else:
         root = Path(source).expanduser()
         if not root.exists():
@@ -97,6 +108,48 @@ def load_data(
             )
     data.load_seconds = time.perf_counter() - t0
     return data
+
+
+# ---- the bundled sample ----------------------------------------------------------------------------------
+
+SAMPLE_SOURCE = "sample"
+SAMPLE_ARCHIVE = "cifar10-sample.tar.gz"  # in cifarkit/sample/, with a README that says what it holds
+
+
+def sample_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The real CIFAR-10 sample shipped in the package (800 train and 200 test JPEGs a class, see
+    cifarkit/sample/README.md), extracted once into `cache_dir` (default: default_data_dir()) under a name
+    keyed by the archive's SHA256: an ImageFolder root with train/ and test/. Extraction goes to a
+    temporary folder that is renamed into place, so an interrupted one is never mistaken for the sample."""
+    import shutil
+    import tarfile
+    import tempfile
+    from importlib.resources import as_file, files
+
+    with as_file(files("cifarkit") / "sample" / SAMPLE_ARCHIVE) as archive:
+        if not archive.is_file():
+            raise CifarkitError(f"--data sample: {archive} is missing from this installation of cifarkit")
+        digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:16]
+        dest = Path(cache_dir if cache_dir is not None else default_data_dir()) / f"sample-{digest}"
+        if (dest / "train").is_dir() and (dest / "test").is_dir():
+            return dest
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.")
+            try:
+                with tarfile.open(archive, "r:gz") as tar:
+                    tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+                os.replace(tmp, dest)  # fails if another process got there first: theirs is as good
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except (OSError, tarfile.TarError) as exc:
+            if not (dest / "test").is_dir():
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+                raise CifarkitError(
+                    f"--data sample: cannot extract {archive.name} into {dest.parent} ({why}); "
+                    "set CIFARKIT_CACHE to a writable folder"
+                ) from None
+    return dest
 
 
 def _load_torchvision(cache_dir: Path) -> CifarData:
@@ -129,39 +182,101 @@ def _find_batches_py(root: Path) -> Path | None:
 
 
 def _load_batches_py(folder: Path) -> CifarData:
-    """The python pickles torchvision downloads: data_batch_1..5, test_batch, batches.meta."""
-
-    def read(name: str) -> dict:
-        path = folder / name
-        if not path.is_file():
-            raise CifarkitError(
-                f"--data: {path} is missing (a cifar-10-batches-py folder has data_batch_1..5, "
-                "test_batch and batches.meta)"
-            )
-        try:
-            with open(path, "rb") as f:
-                return pickle.load(f, encoding="bytes")
-        except Exception as exc:
-            raise CifarkitError(f"--data: {path} is not a CIFAR-10 python batch ({first_line(exc)})") from None
-
-    def arrays(parts: list[dict], where: str) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            x = np.concatenate([np.asarray(p[b"data"], dtype=np.uint8) for p in parts])
-            y = np.concatenate([np.asarray(p.get(b"labels", p.get(b"fine_labels")), dtype=np.int64) for p in parts])
-            x = x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # [N, 32, 32, 3]
-        except Exception as exc:
-            raise CifarkitError(f"--data: {where} has an unexpected layout ({first_line(exc)})") from None
-        return np.ascontiguousarray(x), y
-
-    train_x, train_y = arrays([read(f"data_batch_{i}") for i in range(1, 6)], str(folder))
-    test_x, test_y = arrays([read("test_batch")], str(folder / "test_batch"))
+    """The python pickles torchvision downloads: data_batch_1..5, test_batch, batches.meta. Read with a
+    restricted unpickler (read_batch): a crafted batch file cannot run code, it is refused."""
+    parts = [_batch_arrays(read_batch(folder / f"data_batch_{i}")) for i in range(1, 6)]
+    train_x, train_y = np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+    test_x, test_y = _batch_arrays(read_batch(folder / "test_batch"))
     classes = CIFAR10_CLASSES
     meta_path = folder / "batches.meta"
-    if meta_path.is_file():
-        names = read("batches.meta").get(b"label_names")
+    if meta_path.exists():
+        meta = read_batch(meta_path)
+        names = meta.get(b"label_names") or meta.get("label_names")
         if names:
-            classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+            classes = _class_names(names, meta_path)
+    top = max(int(train_y.max(initial=0)), int(test_y.max(initial=0)))
+    if min(int(train_y.min(initial=0)), int(test_y.min(initial=0))) < 0 or top >= len(classes):
+        raise CifarkitError(f"--data: {folder} has labels outside 0..{len(classes) - 1}")
     return CifarData(train_x, train_y, test_x, test_y, classes, source=str(folder), kind="batches-py")
+
+
+MAX_BATCH_FILE_BYTES = 256 << 20  # a CIFAR-10 batch is 31 MB; CIFAR-100's single train file 155 MB
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR's python batches hold: dicts, lists, bytes, str, ints and numpy arrays (whose
+    pickles name numpy's array reconstructor, ndarray and dtype, and _codecs.encode for bytes pickled by
+    Python 3 at protocol 2). Any other global, which is how a pickle runs code, is refused."""
+
+    @staticmethod
+    def _allowed() -> dict[tuple[str, str], object]:
+        import codecs
+
+        from numpy._core import multiarray, numeric
+
+        return {
+            ("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct,
+            ("numpy.core.numeric", "_frombuffer"): numeric._frombuffer,
+            ("numpy._core.numeric", "_frombuffer"): numeric._frombuffer,
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): codecs.encode,
+        }
+
+    def find_class(self, module: str, name: str) -> object:
+        allowed = self._allowed()
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR batch never holds")
+        return allowed[(module, name)]
+
+
+def read_batch(path: Path) -> dict:
+    """One CIFAR python batch file as a dict, read as data only. A missing, irregular, oversized or crafted
+    file is a CifarkitError naming it."""
+    try:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_BATCH_FILE_BYTES:
+                raise CifarkitError(f"--data: {path} is {size:,} bytes, too large for a CIFAR python batch")
+            data = _BatchUnpickler(f, encoding="bytes").load()
+    except FileNotFoundError:
+        raise CifarkitError(
+            f"--data: {path} is missing (a cifar-10-batches-py folder has data_batch_1..5, test_batch and batches.meta)"
+        ) from None
+    except NotRegularFile as exc:
+        raise CifarkitError(f"--data: {path} {exc.strerror}") from None
+    except pickle.UnpicklingError as exc:
+        raise CifarkitError(f"--data: {path} is refused: {first_line(exc)} (a pickle that could run code)") from None
+    except CifarkitError:
+        raise
+    except Exception as exc:  # truncated or foreign files: EOFError, ValueError, MemoryError, ...
+        raise CifarkitError(f"--data: {path} is not a CIFAR-10 python batch ({first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise CifarkitError(f"--data: {path} is not a CIFAR-10 python batch (holds a {type(data).__name__})")
+    return data
+
+
+def _batch_arrays(part: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [N, 32, 32, 3], int64 [N]) from a batch dict, checked: uint8 rows of 3,072 pixels, one integer
+    label per row."""
+    x, y = part.get(b"data"), part.get(b"labels", part.get(b"fine_labels"))
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+        got = f"{x.dtype} {list(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise CifarkitError(f"--data: a batch's 'data' is {got}, expected uint8 [N, 3072] (CIFAR's row layout)")
+    labels = np.asarray(y) if isinstance(y, (list, np.ndarray)) else None
+    if labels is None or labels.shape != (len(x),) or labels.dtype.kind not in "iu":
+        raise CifarkitError(f"--data: a batch's 'labels' must be {len(x)} integers, one per image")
+    x = x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CIFAR's planes -> [N, 32, 32, 3] pixels
+    return np.ascontiguousarray(x), labels.astype(np.int64)
+
+
+def _class_names(names: object, where: Path) -> tuple[str, ...]:
+    ok = isinstance(names, (list, tuple)) and 2 <= len(names) <= MAX_CLASSES
+    decoded = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names] if ok else []
+    if not ok or not all(isinstance(n, str) and 0 < len(n) <= 200 for n in decoded):
+        raise CifarkitError(f"--data: {where}'s label_names must be 2 to {MAX_CLASSES} names")
+    return tuple(decoded)
 
 
 # ---- ImageFolder ----------------------------------------------------------------------------------------
@@ -169,7 +284,10 @@ def _load_batches_py(folder: Path) -> CifarData:
 
 def list_imagefolder(split_dir: Path) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
     """Classes (sorted sub-folder names) and (file, label) pairs, sorted. Hidden entries are skipped."""
-    classes = tuple(sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")))
+    _, folders, problems = list_folder(split_dir)
+    if problems:
+        raise CifarkitError(f"--data: {problems[0].message}")
+    classes = tuple(folders)
     samples: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
         files, _, problems = list_folder(split_dir / name)

@@ -1,6 +1,8 @@
-"""The one error type the library raises for problems a user can fix (bad input, missing files, ...).
+"""The one error type the library raises for problems a user can fix (bad input, missing files, ...), and
+the exception SIGTERM becomes.
 
-The CLI prints its message as one line and exits non-zero; anything else is a bug and gets a traceback.
+The CLI prints a CifarkitError's message as one line and exits 2; anything else is a bug and gets a short
+message (a traceback with --debug).
 """
 
 
@@ -8,8 +10,19 @@ class CifarkitError(Exception):
     """A problem the user can act on. The message names the file or option and what was expected."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that the same clean-up runs
+    (temporary files removed, nothing half-written); the CLI exits 143 instead of 130."""
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message (its type name when empty), cut to `limit` characters:
-    library messages can span pages, and ours are one line."""
+    """The first line of an exception's message (its type name when empty), at most `limit` characters,
+    shortened at a word boundary with an ellipsis rather than cut mid-word: library messages can span pages,
+    and ours are one line."""
     text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+    line = text.splitlines()[0].strip() if text else type(exc).__name__
+    if len(line) <= limit:
+        return line
+    cut = line[: limit - 3]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:") + "..."

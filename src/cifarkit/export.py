@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifarkit import __version__, atomic
-from cifarkit.atomic import output_folder
+from cifarkit import __version__
+from cifarkit.atomic import output_folder, write_set
 from cifarkit.checkpoint import checkpoint_meta, deployed_from_checkpoint, file_sha256, load_checkpoint
 from cifarkit.errors import CifarkitError, first_line
+from cifarkit.files import regular_file_problem
 from cifarkit.models import DeployedModel
 from cifarkit.spec import ARTIFACT_JSON_NAME, INPUT_NAME, OUTPUT_NAMES, ArtifactMeta, versions
 
@@ -109,6 +110,9 @@ def compare(
                     f"{fmt} artifact returned logits of shape {got.shape} for a batch of "
                     f"{len(want)}, expected {want.shape}"
                 )
+            if not (np.isfinite(got).all() and np.isfinite(want).all()):
+                side = "the eager model" if not np.isfinite(want).all() else f"the {fmt} artifact"
+                raise CifarkitError(f"{side} gives NaN or Inf logits on the verification images; nothing written")
             worst = max(worst, float(np.max(np.abs(got - want))) if got.size else 0.0)
             same = same and bool(np.array_equal(got.argmax(1), want.argmax(1)))
     return Verification(fmt, tuple(batch_sizes), len(images), worst, same)
@@ -231,11 +235,19 @@ def torchscript_runner(payload: bytes) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def load_torchscript(path: str | os.PathLike[str]) -> tuple[torch.jit.ScriptModule, ArtifactMeta]:
-    """Load model.pt and the ArtifactMeta stored inside it."""
+    """Load model.pt and the ArtifactMeta stored inside it. A TorchScript archive holds a program that
+    PyTorch runs: load only files you trust (ONNX is the format for untrusted models)."""
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise CifarkitError(f"model {path}: {problem}")
     extra = {ARTIFACT_JSON_NAME: ""}
-    with _quiet_exporters():
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return module.eval(), ArtifactMeta.from_json(extra[ARTIFACT_JSON_NAME])
+    try:
+        with _quiet_exporters():
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        meta = ArtifactMeta.from_json(extra[ARTIFACT_JSON_NAME])
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise CifarkitError(f"model {path} is not a cifarkit TorchScript export ({first_line(exc, 160)})") from None
+    return module.eval(), meta
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -299,15 +311,10 @@ def _export(
         payloads[fmt] = payload
         checks.append(check)
 
-    # Everything verified: now write, each file atomically.
-    paths: dict[str, Path] = {}
+    # Everything verified: now write the set (model files and sidecar) so that a reader sees all new or all old.
     names = {"onnx": ONNX_NAME, "torchscript": TORCHSCRIPT_NAME}
-    for fmt, payload in payloads.items():
-        paths[fmt] = out / names[fmt]
-        atomic.write_bytes(paths[fmt], payload)
-    paths["json"] = out / ARTIFACT_JSON_NAME
     sidecar = json.loads(meta.to_json())
-    sidecar["files"] = {fmt: p.name for fmt, p in paths.items() if fmt != "json"}
+    sidecar["files"] = {fmt: names[fmt] for fmt in payloads}
     sidecar["verification"] = [
         {
             "format": c.fmt,
@@ -318,5 +325,11 @@ def _export(
         }
         for c in checks
     ]
-    atomic.write_bytes(paths["json"], (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
+    files = {names[fmt]: payload for fmt, payload in payloads.items()}
+    files[ARTIFACT_JSON_NAME] = (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode()
+    stale = [name for fmt, name in names.items() if fmt not in payloads and (out / name).exists()]
+    write_set(out, files, remove=stale)
+    notes.extend(f"removed the older {name}: it is not part of this export" for name in stale)
+    paths = {fmt: out / names[fmt] for fmt in payloads}
+    paths["json"] = out / ARTIFACT_JSON_NAME
     return ExportResult(paths=paths, meta=meta, checks=checks, notes=notes)

@@ -48,6 +48,9 @@ def has_image_extension(name: str, extensions: frozenset[str] = IMAGE_EXTENSIONS
     return os.path.splitext(name)[1].lower() in extensions
 
 
+MAX_THREADS = 256  # decoding threads at most: each holds a batch of decoded images, and more gain nothing
+
+
 def default_threads() -> int:
     """Decoding threads: one per core plus one, so that a thread blocked on file I/O leaves no core idle.
     Pillow's JPEG header parsing holds the GIL, so more threads than that gain nothing (decoding alone, 32x32
@@ -61,6 +64,65 @@ class Failure:
 
     source: str
     message: str  # one line that names the file and the reason
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """An image file's bytes, already read (a row of a Parquet shard, an object in a bucket), and its name."""
+
+    source: str  # the file's path or URI: what the output rows name
+    data: bytes  # the encoded file (JPEG, PNG, ...), decoded by cifarkit.preprocess.decode_image
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Only regular files are opened
+# ---------------------------------------------------------------------------------------------------------
+
+
+class NotRegularFile(OSError):
+    """A path that names a FIFO, a device, a socket or a folder: reading it could block forever (a FIFO),
+    never end (/dev/zero) or mean something else entirely."""
+
+
+def file_kind(mode: int) -> str:
+    """What a stat mode is, in words, for messages."""
+    for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: str | os.PathLike[str]):  # -> BinaryIO
+    """Open `path` for binary reading if it is a regular file, else raise NotRegularFile naming its kind.
+    O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer; the check is on the
+    opened descriptor, so the file cannot be swapped between the check and the read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(errno.EINVAL, f"is {file_kind(mode)}, expected a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def regular_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """None if `path` is a regular file (following symlinks), else what is wrong, in words (for the paths
+    handed to libraries that open files themselves: onnxruntime, torch.load)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return stat_reason(os.fspath(path), exc)
+    return None if stat.S_ISREG(mode) else f"is {file_kind(mode)}, expected a regular file"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -83,7 +145,7 @@ def iter_image_files(
         try:
             st = os.stat(path)
         except OSError as exc:
-            yield Failure(path, f"{path}: {_stat_reason(path, exc)}")
+            yield Failure(path, f"{path}: {stat_reason(path, exc)}")
             continue
         if not stat.S_ISDIR(st.st_mode):
             yield path
@@ -124,7 +186,7 @@ def _walk_folder(root: str, root_stat: os.stat_result, extensions: frozenset[str
         try:
             pending.append((sub, os.stat(sub), ancestors))
         except OSError as exc:
-            yield Failure(sub, f"{sub}: {_stat_reason(sub, exc)}")
+            yield Failure(sub, f"{sub}: {stat_reason(sub, exc)}")
 
 
 def list_folder(
@@ -144,7 +206,7 @@ def list_folder(
                     is_dir = entry.is_dir()  # follows symlinks; no extra system call for plain entries
                 except OSError as exc:
                     if has_image_extension(entry.name, extensions) or exc.errno == errno.ELOOP:
-                        problems.append(Failure(entry.path, f"{entry.path}: {_stat_reason(entry.path, exc)}"))
+                        problems.append(Failure(entry.path, f"{entry.path}: {stat_reason(entry.path, exc)}"))
                     continue
                 if is_dir:
                     subdirs.append(entry.name)
@@ -157,7 +219,8 @@ def list_folder(
     return files, subdirs, problems
 
 
-def _stat_reason(path: str, exc: OSError) -> str:
+def stat_reason(path: str, exc: OSError) -> str:
+    """Why os.stat or os.open failed, in words."""
     if exc.errno == errno.ELOOP:
         return "symlink loop"
     if isinstance(exc, FileNotFoundError):

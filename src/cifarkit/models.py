@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifarkit.errors import CifarkitError
+from cifarkit.errors import CifarkitError, first_line
 from cifarkit.recipes import Recipe
+from cifarkit.spec import MAX_CLASSES, TTA_MODES
 
 
 def normalize_uint8(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -27,7 +28,9 @@ def normalize_uint8(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
 
     `mean` and `std` are float32 [1, 3, 1, 1]. The result is a channels_last-strided view of NCHW
     (what permuting an NHWC tensor gives); call .contiguous() for the classic layout."""
-    return x.permute(0, 3, 1, 2).to(torch.float32).div(255.0).sub(mean).div(std)
+    # Cast first, then permute: the same values and strides, and in the exported graph the uint8 input then
+    # feeds a Cast directly, which TensorRT needs for a uint8 network input (NVIDIA/TensorRT#3985).
+    return x.to(torch.float32).permute(0, 3, 1, 2).div(255.0).sub(mean).div(std)
 
 
 def channel_tensor(values: Sequence[float], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -192,8 +195,6 @@ def init_whitening(layer: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) ->
 # The deployed module: what both exported artifacts contain, and what evaluation runs
 # ---------------------------------------------------------------------------------------------------------
 
-TTA_MODES = ("none", "hflip", "hflip_translate")
-
 
 class DeployedModel(nn.Module):
     """uint8 [N, H, W, 3] RGB -> (logits [N, C], probabilities [N, C]), float32.
@@ -257,10 +258,31 @@ def check_model_name(name: str) -> None:
         raise CifarkitError(f"--model: unknown model {name!r}, expected one of {', '.join(sorted(MODELS))}")
 
 
+MAX_PARAMETERS = 200_000_000  # airbench has 1.97 M, the blog's CNN 89,834; a checkpoint may not ask for more
+
+
 def build_model(name: str, num_classes: int, **kwargs: object) -> Net:
-    """Construct a registered model by name; an unknown name is a CifarkitError listing the known ones."""
+    """Construct a registered model by name. An unknown name, arguments the constructor does not take, or a
+    size over MAX_PARAMETERS (a checkpoint asking for huge widths) is a CifarkitError, found by building the
+    model on the meta device first: nothing is allocated and no random number is drawn before the check."""
     check_model_name(name)
+    if not (isinstance(num_classes, int) and 2 <= num_classes <= MAX_CLASSES):
+        raise CifarkitError(f"model {name!r}: the number of classes must be 2 to {MAX_CLASSES:,}, got {num_classes!r}")
+    try:
+        with torch.device("meta"):
+            size = count_parameters(MODELS[name](num_classes=num_classes, **kwargs))
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise CifarkitError(f"model {name!r} cannot be built with {_short(kwargs)} ({first_line(exc)})") from None
+    if size > MAX_PARAMETERS:
+        raise CifarkitError(
+            f"model {name!r} with {_short(kwargs)} has {size:,} parameters, over the {MAX_PARAMETERS:,} limit"
+        )
     return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -11,6 +11,7 @@ default: a recipe picks a pair, the checkpoint records it, the artifact carries 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 # CIFAR-10's own label order, which is also the sorted order of the ImageFolder class folders.
@@ -52,6 +53,11 @@ COLOR_ORDER = "RGB"
 RESIZE_MODE = "center_crop"  # "center_crop" | "squash"
 RESIZE_FILTER = "bilinear"  # Pillow's antialiased bilinear (a triangle filter widened on downscaling)
 RESIZE_MODES = ("center_crop", "squash")
+RESIZE_FILTERS = ("bilinear", "bicubic", "nearest", "lanczos", "box")  # Pillow's antialiased resampling filters
+TTA_MODES = ("none", "hflip", "hflip_translate")  # test-time augmentation inside the graph (models.DeployedModel)
+
+MAX_CLASSES = 10_000  # a bound on class counts read from data, checkpoints and metadata
+MAX_IMAGE_SIDE = 1024  # pixels; a bound on image_size read from a checkpoint or a model's metadata
 
 SCHEMA = "cifarkit.artifact/1"
 ARTIFACT_JSON_NAME = "model.json"  # the sidecar, and the extra file inside the TorchScript archive
@@ -91,6 +97,8 @@ class ArtifactMeta:
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> ArtifactMeta:
         """Inverse of to_dict (unknown keys ignored); raises ValueError naming a missing or bad key."""
+        if not isinstance(data, dict):
+            raise ValueError(f"metadata must be a mapping, got {type(data).__name__}")
         missing = sorted(_REQUIRED_KEYS - data.keys())
         if missing:
             raise ValueError(f"metadata key {missing[0]!r} is missing")
@@ -119,8 +127,8 @@ class ArtifactMeta:
                 continue
             try:
                 data[name] = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"metadata key {name!r} is not valid JSON: {raw[:60]!r}") from exc
+            except (json.JSONDecodeError, RecursionError):
+                raise ValueError(f"metadata key {name!r} is not valid JSON: {raw[:60]!r}") from None
         return cls.from_dict(data)
 
     # ---- JSON form (sidecar, TorchScript extra file) -------------------------------------------------
@@ -130,19 +138,71 @@ class ArtifactMeta:
 
     @classmethod
     def from_json(cls, text: str) -> ArtifactMeta:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            raise ValueError(f"metadata is not valid JSON: {text[:60]!r}") from None
+        if not isinstance(data, dict):
+            raise ValueError("metadata JSON must be an object")
+        return cls.from_dict(data)
 
     def validate(self) -> None:
+        """Every field of the right type and within bounds (ValueError naming the key otherwise): metadata comes
+        from files, and nothing may be allocated or trusted before it is checked."""
         if self.schema != SCHEMA:
-            raise ValueError(f"metadata schema is {self.schema!r}, expected {SCHEMA!r}")
-        if len(self.class_names) < 2:
-            raise ValueError("metadata 'class_names' must list at least 2 classes")
-        if len(self.image_size) != 2 or min(self.image_size) < 1:
-            raise ValueError(f"metadata 'image_size' must be [height, width], got {self.image_size!r}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError("metadata 'mean' and 'std' must have 3 values (R, G, B)")
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"metadata 'resize_mode' is {self.resize_mode!r}, expected one of {RESIZE_MODES}")
+            raise ValueError(f"metadata schema is {_short(self.schema)}, expected {SCHEMA!r}")
+        names = self.class_names
+        if not (isinstance(names, tuple) and 2 <= len(names) <= MAX_CLASSES):
+            raise ValueError(f"metadata 'class_names' must list 2 to {MAX_CLASSES:,} classes")
+        if not all(isinstance(n, str) and 0 < len(n) <= 200 for n in names) or len(set(names)) != len(names):
+            raise ValueError("metadata 'class_names' must be distinct non-empty strings of at most 200 characters")
+        size = self.image_size
+        if not (
+            isinstance(size, tuple) and len(size) == 2 and all(_is_int(v) and 1 <= v <= MAX_IMAGE_SIDE for v in size)
+        ):
+            raise ValueError(
+                f"metadata 'image_size' must be [height, width], each 1 to {MAX_IMAGE_SIDE}, got {_short(size)}"
+            )
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if not (isinstance(v, tuple) and len(v) == 3 and all(_is_number(x) for x in v)):
+                raise ValueError(f"metadata {key!r} must have 3 finite numbers (R, G, B), got {_short(v)}")
+        if not all(x > 0 for x in self.std):
+            raise ValueError(f"metadata 'std' must be positive, got {_short(self.std)}")
+        if not (_is_number(self.pixel_scale) and self.pixel_scale > 0):
+            raise ValueError(f"metadata 'pixel_scale' must be a positive number, got {_short(self.pixel_scale)}")
+        for key, allowed in (("resize_mode", RESIZE_MODES), ("resize_filter", RESIZE_FILTERS), ("tta", TTA_MODES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"metadata {key!r} is {_short(getattr(self, key))}, expected one of {allowed}")
+        for key in ("model_name", "input_name", "input_layout", "input_dtype", "color_order", "checkpoint_sha256"):
+            if not (isinstance(getattr(self, key), str) and len(getattr(self, key)) <= 200):
+                raise ValueError(f"metadata {key!r} must be a string of at most 200 characters")
+        outs = self.output_names
+        if not (isinstance(outs, tuple) and 1 <= len(outs) <= 8 and all(isinstance(o, str) for o in outs)):
+            raise ValueError(f"metadata 'output_names' must be a list of names, got {_short(outs)}")
+        acc = self.test_accuracy
+        if acc is not None and not (_is_number(acc) and 0 <= acc <= 1):
+            raise ValueError(f"metadata 'test_accuracy' must be a fraction in [0, 1] or null, got {_short(acc)}")
+        vers = self.versions
+        if not (
+            isinstance(vers, dict)
+            and len(vers) <= 50
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in vers.items())
+        ):
+            raise ValueError("metadata 'versions' must map package names to version strings")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _short(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 _REQUIRED_KEYS = frozenset({"class_names", "model_name", "mean", "std", "schema"})

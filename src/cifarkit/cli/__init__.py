@@ -5,6 +5,9 @@ nothing heavy: `cifar-infer` must start fast and never import torch.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -15,11 +18,21 @@ T = TypeVar("T")
 EXIT_OK = 0
 EXIT_FAILED = 1  # a run that could not finish (or, for cifar-infer, some inputs failed)
 EXIT_USAGE = 2  # bad input: options, files, checkpoints; nothing was written
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): 128 + 2
+EXIT_TERMINATED = 143  # SIGTERM: 128 + 15
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
+    say_error(message)
     raise SystemExit(code)
+
+
+def say_error(message: str) -> None:
+    """One line on stderr; names from data are escaped (cifarkit.escape), so no control character from a
+    file name reaches the terminal and a newline in one cannot split the line."""
+    from cifarkit.escape import escape_name
+
+    print(f"error: {escape_name(message)}", file=sys.stderr, flush=True)
 
 
 def guarded(fn: Callable[[], T], *, debug: bool) -> T:
@@ -33,14 +46,71 @@ def guarded(fn: Callable[[], T], *, debug: bool) -> T:
         if debug:
             traceback.print_exc()
         fail(str(exc), EXIT_USAGE)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as exc:
+        interrupted(exc)
     except Exception as exc:  # a bug or an environment problem: say what, point at --debug
         if debug:
             traceback.print_exc()
             raise SystemExit(EXIT_FAILED) from None
         fail(f"{type(exc).__name__}: {first_line(exc)} (run again with --debug for the traceback)", EXIT_FAILED)
+
+
+def interrupted(exc: KeyboardInterrupt) -> NoReturn:
+    """End the process now, after the clean-up that ran while the exception unwound (temporary files
+    removed): one line and exit 130 (Ctrl-C) or 143 (SIGTERM). os._exit rather than SystemExit: a worker
+    thread stuck in a C library (onnxruntime running a crafted graph) must not keep the process alive."""
+    from cifarkit.errors import Terminated
+
+    terminated = isinstance(exc, Terminated)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe: nothing more to say there
+            stream.flush()
+    with contextlib.suppress(Exception):
+        print("terminated" if terminated else "interrupted", file=sys.stderr, flush=True)
+    os._exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
+
+
+def handle_signals() -> None:
+    """SIGTERM raises Terminated in the main thread, as SIGINT raises KeyboardInterrupt (only the main thread
+    can install handlers; elsewhere this is a no-op)."""
+    from cifarkit.errors import Terminated
+
+    def on_term(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    with contextlib.suppress(ValueError):  # not the main thread (an embedding app): leave its handlers alone
+        signal.signal(signal.SIGTERM, on_term)
+
+
+def console(main: Callable[[], object]) -> None:
+    """Run a console script's main with the signal rules: SIGINT and SIGTERM end it within a moment, with
+    one line and exit 130 / 143, wherever they arrive (importing torch, parsing options, running)."""
+    handle_signals()
+    try:
+        main()
+    except KeyboardInterrupt as exc:
+        interrupted(exc)
+
+
+def _script(module: str, entry: str = "app") -> Callable[[], None]:
+    """A console script's entry point: the signal rules first, then import the command (which may import torch
+    for seconds) and run it, so that Ctrl-C or SIGTERM during the imports ends cleanly too."""
+
+    def main() -> None:
+        import importlib
+
+        console(lambda: getattr(importlib.import_module(f"cifarkit.cli.{module}"), entry)())
+
+    main.__name__ = main.__qualname__ = f"cifar_{module}"
+    return main
+
+
+# [project.scripts] in pyproject.toml points at these.
+cifar_train = _script("train")
+cifar_export = _script("export")
+cifar_infer = _script("infer")
+cifar_eval = _script("eval")
+cifar_pack = _script("pack")
 
 
 def make_app(help_text: str):

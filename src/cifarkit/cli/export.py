@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from cifarkit.cli import guarded, make_app
+from cifarkit.cli import console, guarded, make_app
 
 app = make_app("Export a checkpoint to ONNX and TorchScript, verified against the eager model before writing.")
 
@@ -65,5 +65,10 @@ def main(
     typer.echo(f"model {result.meta.model_name}: {len(result.meta.class_names)} classes{acc_text}")
 
 
+def run() -> None:
+    """The console script's entry point: the app under cifarkit's signal rules (exit 130 / 143)."""
+    console(app)
+
+
 if __name__ == "__main__":
-    app()
+    run()
