@@ -21,7 +21,8 @@ import torch
 
 from cifarkit.errors import CifarkitError
 
-PRECISIONS = ("auto", "fp32", "bf16")
+MAX_THREADS = 256  # torch intra-op threads at most (see check_options)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHANNELS_LAST = ("auto", "on", "off")
 
 # ---------------------------------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise CifarkitError(f"--device {name}: CUDA is not available on this machine (try --device auto or cpu)")
+            raise CifarkitError(f"--device {name}: CUDA is not available: {_why_no_cuda()}")
         dev = torch.device(name)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise CifarkitError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
@@ -53,13 +54,41 @@ def select_device(name: str = "auto") -> torch.device:
     raise CifarkitError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
 
 
+def _why_no_cuda() -> str:
+    """What to install, in one clause: a CUDA build of PyTorch, or the NVIDIA driver it cannot find."""
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return (
+            f"this PyTorch ({torch.__version__}) is a CPU-only build; install a CUDA build of torch (the pip "
+            "command for your driver is on https://pytorch.org/get-started/locally/) or use --device cpu"
+        )
+    built = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {torch.version.hip}"
+    return (
+        f"this PyTorch ({torch.__version__}, built for {built}) finds no GPU; install the GPU driver "
+        "(nvidia-smi must list the GPU) or use --device cpu"
+    )
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' where autocast to bf16 is fast (CPUs with AVX512-BF16 or AMX, CUDA with bf16)."""
-    if precision != "auto":
-        if precision == "bf16" and not _bf16_ok(device):
-            raise CifarkitError(f"--precision bf16: not supported on {device}")
-        return precision
-    return "bf16" if _bf16_fast(device) else "fp32"
+    """'auto' -> 'bf16' where autocast to bf16 is fast (CPUs with AVX512-BF16 or AMX, CUDA GPUs of compute
+    capability 8.0 and newer), 'fp16' on older CUDA GPUs with tensor cores (7.x), else 'fp32'."""
+    if precision == "auto":
+        if _bf16_fast(device):
+            return "bf16"
+        # Volta and Turing (7.x) have fp16 tensor cores but no bf16 ones; before 7.0 there are no tensor cores.
+        return "fp16" if device.type == "cuda" and cuda_capability(device) >= (7, 0) else "fp32"
+    if precision == "bf16" and not _bf16_ok(device):
+        raise CifarkitError(f"--precision bf16: not supported on {device}")
+    if precision == "fp16" and device.type != "cuda":
+        raise CifarkitError(
+            f"--precision fp16: needs a CUDA device (fp16 autocast with a gradient scaler); on {device.type} "
+            "use bf16 or fp32"
+        )
+    return precision
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device: 8.0 is Ampere, 9.0 Hopper."""
+    return torch.cuda.get_device_capability(device)
 
 
 def _bf16_ok(device: torch.device) -> bool:
@@ -70,7 +99,9 @@ def _bf16_ok(device: torch.device) -> bool:
 
 def _bf16_fast(device: torch.device) -> bool:
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # Not torch.cuda.is_bf16_supported(): by default it also says yes where bf16 is only emulated (pre-Ampere),
+        # which runs slower than fp32.
+        return cuda_capability(device) >= (8, 0)
     if device.type == "cpu":
         # Measured on an AVX512-BF16 CPU: bf16 autocast + channels_last ~2x faster than fp32 for the blog CNN.
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and (
@@ -82,7 +113,30 @@ def _bf16_fast(device: torch.device) -> bool:
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
     return contextlib.nullcontext()
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """A gradient scaler for fp16 training, None otherwise. fp16's smallest normal number is 6e-5, so small
+    gradients underflow to zero unless the loss is scaled up first; bf16 has fp32's exponent range and needs
+    no scaling."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+@contextlib.contextmanager
+def cudnn_autotune(device: torch.device) -> Iterator[None]:
+    """On CUDA, let cuDNN time its convolution algorithms for each new input shape and keep the fastest
+    (torch.backends.cudnn.benchmark): a recipe's batches all have one shape, so the timing is paid once.
+    The previous setting is restored afterwards."""
+    before = torch.backends.cudnn.benchmark
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def synchronize(device: torch.device) -> None:
@@ -154,13 +208,16 @@ def dist_from_env() -> Dist:
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
-    precision: str  # "fp32" | "bf16" (autocast)
+    precision: str  # "fp32" | "bf16" | "fp16" (autocast; fp16 with a gradient scaler)
     channels_last: bool  # model weights and batches in NHWC memory order
     allocator_tuned: bool  # tune_cpu_allocator() took effect
     dist: Dist = field(default_factory=Dist)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.precision)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        return grad_scaler(self.device, self.precision)
 
     def synchronize(self) -> None:
         synchronize(self.device)
@@ -178,11 +235,12 @@ class Runtime:
 def check_options(precision: str, channels_last: str, threads: int | None) -> None:
     """The options' own rules, checked before anything is created (CifarkitError naming the option)."""
     if precision not in PRECISIONS:
-        raise CifarkitError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+        raise CifarkitError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if channels_last not in CHANNELS_LAST:
         raise CifarkitError(f"--channels-last must be auto, on or off, got {channels_last!r}")
-    if threads is not None and threads < 1:
-        raise CifarkitError(f"--threads must be at least 1, got {threads}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        # torch.set_num_threads(100000) crashes the process; more threads than cores only cost memory.
+        raise CifarkitError(f"--threads must be 1 to {MAX_THREADS}, got {threads}")
 
 
 @contextlib.contextmanager
@@ -190,7 +248,7 @@ def runtime(
     device: str = "auto", precision: str = "auto", channels_last: str = "auto", threads: int | None = None
 ) -> Iterator[Runtime]:
     """Resolve the options into a Runtime; under torchrun, join the process group (nccl on CUDA, gloo
-    otherwise) for the body and leave it afterwards."""
+    otherwise) for the body and leave it afterwards. On CUDA, cuDNN autotunes for the body (cudnn_autotune)."""
     check_options(precision, channels_last, threads)
     if threads:
         torch.set_num_threads(threads)
@@ -205,16 +263,17 @@ def runtime(
         allocator_tuned=tune_cpu_allocator() if dev.type == "cpu" else False,
         dist=dist,
     )
-    if dist.world_size == 1:
-        yield rt
-        return
-    import torch.distributed as tdist
+    with cudnn_autotune(dev):
+        if dist.world_size == 1:
+            yield rt
+            return
+        import torch.distributed as tdist
 
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    try:
-        yield rt
-    finally:
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        try:
+            yield rt
+        finally:
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
