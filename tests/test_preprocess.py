@@ -275,7 +275,7 @@ def test_truncated_file(tmp_path, fmt):
 
 
 def test_a_folder_is_not_an_image(tmp_path):
-    with pytest.raises(ImageError, match="is a directory"):
+    with pytest.raises(ImageError, match="is a folder, expected a regular file"):
         load_image(tmp_path)
 
 

@@ -20,15 +20,29 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from cifarkit.atomic import finish_pending_set
 from cifarkit.errors import CifarkitError, first_line
-from cifarkit.files import Failure, chunked, default_threads, iter_image_files, ordered_map
+from cifarkit.files import (
+    MAX_THREADS,
+    Blob,
+    Failure,
+    NotRegularFile,
+    chunked,
+    default_threads,
+    iter_image_files,
+    open_regular,
+    ordered_map,
+    stat_reason,
+)
 from cifarkit.preprocess import ImageError, to_pixels
+from cifarkit.providers import CPU, start_session
 from cifarkit.spec import INPUT_NAME, OUTPUT_NAMES, ArtifactMeta
 
 # Images per onnxruntime call and per decoding task. Measured on the 2 shared cores of the development machine
@@ -36,6 +50,8 @@ from cifarkit.spec import INPUT_NAME, OUTPUT_NAMES, ArtifactMeta
 # where the differences were within the noise. 128 rather than 512: a short run still splits into enough
 # batches to keep every decoding thread busy, and the first rows come out sooner.
 DEFAULT_BATCH_SIZE = 128
+MAX_BATCH_SIZE = 4096  # images per call at most: the blog CNN's activations are ~100 KB an image
+MAX_WINDOW_BYTES = 1 << 30  # decoded pixels in flight at most: (threads + 1) batches of H x W x 3 bytes
 DEFAULT_MODEL_NAME = "model.onnx"  # what from_file looks for in a folder
 
 
@@ -75,9 +91,13 @@ Result = Prediction | Failure
 class Classifier:
     """An exported cifarkit model in an onnxruntime session, with its labels and preprocessing rule.
 
-    Thread-safe for concurrent calls (onnxruntime sessions are); build it once and reuse it."""
+    Thread-safe for concurrent calls (onnxruntime sessions are); build it once and reuse it. `providers` says
+    where it runs (e.g. ('CUDAExecutionProvider', 'CPUExecutionProvider')); on a GPU provider batches go
+    through IO binding (`io_binding`, which None turns on exactly there)."""
 
-    def __init__(self, session: Any, meta: ArtifactMeta, *, source: str = "<model>") -> None:
+    def __init__(
+        self, session: Any, meta: ArtifactMeta, *, source: str = "<model>", io_binding: bool | None = None
+    ) -> None:
         check_contract(session, meta, source)
         self.session = session
         self.meta = meta
@@ -85,12 +105,28 @@ class Classifier:
         self.labels: tuple[str, ...] = tuple(meta.class_names)
         self.image_size: tuple[int, int] = (int(meta.image_size[0]), int(meta.image_size[1]))  # (H, W)
         self._outputs = [o.name for o in session.get_outputs()]
+        self.providers: tuple[str, ...] = tuple(session.get_providers())
+        self._io_binding = self.providers[0] != CPU if io_binding is None else io_binding
+        self._runner = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cifarkit-onnx")  # see _session_run
+        # A probe: the outputs' real shapes (a dynamic class dimension says nothing until run) are checked
+        # against the metadata before any image is read, not after a run has half-written its results.
+        try:
+            self._run(np.zeros((1, *self.image_size, 3), np.uint8))
+        except CifarkitError:
+            raise
+        except Exception as exc:  # onnxruntime's own error types
+            raise CifarkitError(f"model {source} cannot run ({first_line(exc)})") from None
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str], *, intra_op_threads: int | None = None) -> Classifier:
-        """Load model.onnx (or a folder holding one). Raises CifarkitError if it is missing, not ONNX, or
-        not a cifarkit export (input `images` uint8 [N, H, W, 3] and cifarkit metadata)."""
-        session, meta, path = open_session(path, intra_op_threads=intra_op_threads)
+    def from_file(
+        cls, path: str | os.PathLike[str], *, intra_op_threads: int | None = None, device: str = "auto"
+    ) -> Classifier:
+        """Load model.onnx (or a folder holding one) on `device`: "auto" (TensorRT, then CUDA, then the CPU, as
+        the installed onnxruntime offers; the CPU with the standard onnxruntime package), "cpu", "cuda" or
+        "tensorrt" (cifarkit.providers). Raises CifarkitError if the model is missing, not ONNX, or not a
+        cifarkit export (input `images` uint8 [N, H, W, 3] and cifarkit metadata), or if `device` is not
+        available (the message says what to install)."""
+        session, meta, path = open_session(path, intra_op_threads=intra_op_threads, device=device)
         return cls(session, meta, source=path)
 
     def __repr__(self) -> str:
@@ -132,22 +168,63 @@ class Classifier:
 
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if OUTPUT_NAMES[1] in self._outputs:
-            logits, probs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+            logits, probs = self._session_run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
         else:  # a model with logits only: the softmax here is the graph's
-            (logits,) = self.session.run([OUTPUT_NAMES[0]], {INPUT_NAME: batch})
+            (logits,) = self._session_run([OUTPUT_NAMES[0]], {INPUT_NAME: batch})
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
             probs = e / e.sum(axis=1, keepdims=True)
+        if logits.shape != (len(batch), len(self.labels)) or probs.shape != logits.shape:
+            raise CifarkitError(
+                f"model {self.source} returned outputs of shape {list(logits.shape)} for {len(batch)} images, "
+                f"expected [{len(batch)}, {len(self.labels)}] (its metadata names {len(self.labels)} classes)"
+            )
         return logits, probs
 
-    def _predictions(self, logits: np.ndarray, probs: np.ndarray, sources: list[str], top_k: int) -> list[Prediction]:
+    def _session_run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """session.run in a worker thread: the calling thread waits interruptibly, so Ctrl-C and SIGTERM reach
+        it at once even while onnxruntime runs a long graph (a crafted Loop), and the abandoned run is told to
+        stop (RunOptions.terminate). Costs a thread hand-off, ~30 us, per batch."""
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        # A failed run raises (and becomes a Failure or a one-line error); onnxruntime would also log it to
+        # stderr in colour, and a terminated run logs "Exiting due to terminate flag" after the user's Ctrl-C.
+        options.log_severity_level = 4
+        future = self._runner.submit(self._call, names, feeds, options)
+        try:
+            return future.result()
+        except BaseException:
+            options.terminate = True
+            raise
+
+    def _call(self, names: list[str], feeds: dict[str, np.ndarray], options: Any) -> list[np.ndarray]:
+        """One session run. On a GPU provider through IO binding: the uint8 batch goes to the device as it is
+        (a quarter of the bytes of float32; the graph casts there) and the outputs come back to host memory."""
+        if not self._io_binding:
+            return self.session.run(names, feeds, options)
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name in names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding, options)
+        return binding.copy_outputs_to_cpu()
+
+    def _predictions(self, logits: np.ndarray, probs: np.ndarray, sources: list[str], top_k: int) -> list[Result]:
+        """A Prediction for each row, or a Failure where the model's output is not finite (NaN or Inf: a
+        broken model must not label an image with probability NaN)."""
         k = max(1, min(int(top_k), len(self.labels)))
         # Rank by logits rather than probabilities: softmax can round two close logits to one probability.
         # A stable sort on -logits breaks ties by the lower index, as argmax does.
         order = np.argsort(-logits, axis=1, kind="stable")[:, :k]  # [N, k] class indices
         top_p = np.take_along_axis(probs, order, axis=1).tolist()  # [N, k] probabilities
+        finite = (np.isfinite(logits).all(axis=1) & np.isfinite(probs).all(axis=1)).tolist()
         labels = self.labels
-        out = []
-        for src, idx, ps in zip(sources, order.tolist(), top_p, strict=True):
+        out: list[Result] = []
+        for src, idx, ps, ok in zip(sources, order.tolist(), top_p, finite, strict=True):
+            if not ok:
+                out.append(Failure(src, f"{src}: the model's output is not finite (NaN or Inf); the model is broken"))
+                continue
             ranked = tuple((labels[i], p) for i, p in zip(idx, ps, strict=True))
             out.append(Prediction(src, labels[idx[0]], idx[0], ps[0], ranked))
         return out
@@ -173,11 +250,12 @@ class Classifier:
         use predict_paths() to carry on past them."""
         if isinstance(items, np.ndarray) and items.ndim == 4:
             logits, probs = self.run(items, batch_size=batch_size)
-            return self._predictions(logits, probs, [f"<array {i}>" for i in range(len(probs))], top_k)
-        if _is_single(items):
-            items = [items]
+            results = self._predictions(logits, probs, [f"<array {i}>" for i in range(len(probs))], top_k)
+        else:
+            items = [items] if _is_single(items) else items
+            results = self._stream(items, top_k=top_k, batch_size=batch_size, threads=threads)
         out: list[Prediction] = []
-        for r in self._stream(items, top_k=top_k, batch_size=batch_size, threads=threads):
+        for r in results:
             if isinstance(r, Failure):
                 raise ImageError(r.message)
             out.append(r)
@@ -199,11 +277,19 @@ class Classifier:
     # ---- the pipeline: decode batches in the ordered thread window, run each as it comes -----------------
 
     def _stream(self, items: Iterable[Any], *, top_k: int, batch_size: int, threads: int | None) -> Iterator[Result]:
-        if batch_size < 1:
-            raise CifarkitError(f"batch size must be at least 1, got {batch_size}")
+        if not 1 <= batch_size <= MAX_BATCH_SIZE:
+            raise CifarkitError(f"batch size must be 1 to {MAX_BATCH_SIZE}, got {batch_size}")
         threads = default_threads() if threads is None else threads
-        if threads < 0:
-            raise CifarkitError(f"threads must be 0 (decode in the calling thread) or more, got {threads}")
+        if not 0 <= threads <= MAX_THREADS:
+            raise CifarkitError(f"threads must be 0 (decode in the calling thread) to {MAX_THREADS}, got {threads}")
+        h, w = self.image_size
+        window = (threads + 1) * batch_size * h * w * 3
+        if window > MAX_WINDOW_BYTES:
+            raise CifarkitError(
+                f"batch size {batch_size} x {threads + 1} batches in flight x {h}x{w} pixels would hold "
+                f"{window / 2**20:,.0f} MiB of decoded images (limit {MAX_WINDOW_BYTES / 2**20:,.0f}); lower the "
+                "batch size or the threads"
+            )
         for sources, pixels, failed in ordered_map(self._decode, chunked(items, batch_size), threads):
             yield from self._finish(sources, pixels, failed, top_k)
 
@@ -217,7 +303,10 @@ class Classifier:
                 sources.append(item.source)
                 failed[j] = item
                 continue
-            src = os.fspath(item) if isinstance(item, (str, os.PathLike)) else _item_name(start + j, item)
+            if isinstance(item, Blob):
+                src = item.source
+            else:
+                src = os.fspath(item) if isinstance(item, (str, os.PathLike)) else _item_name(start + j, item)
             sources.append(src)
             try:
                 pixels[j] = self.pixels(item, src)
@@ -242,27 +331,27 @@ class Classifier:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def open_session(path: str | os.PathLike[str], *, intra_op_threads: int | None = None) -> tuple[Any, ArtifactMeta, str]:
-    """(onnxruntime session, its ArtifactMeta, the file's path) for model.onnx or a folder holding one.
-    Raises CifarkitError if the file is missing, unreadable, not ONNX, or carries no cifarkit metadata."""
+def open_session(
+    path: str | os.PathLike[str], *, intra_op_threads: int | None = None, device: str = "auto"
+) -> tuple[Any, ArtifactMeta, str]:
+    """(onnxruntime session, its ArtifactMeta, the file's path) for model.onnx or a folder holding one, on
+    the execution providers `device` names (cifarkit.providers.start_session). Raises CifarkitError if the
+    file is missing, unreadable, not ONNX, or carries no cifarkit metadata, or if `device` is not available."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, DEFAULT_MODEL_NAME)
-    if not os.path.exists(path):
-        raise CifarkitError(f"model {path} does not exist")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as exc:
-        raise CifarkitError(f"model {path}: cannot read ({exc.strerror or exc})") from None
-    if head.startswith(b"PK"):
+    finish_pending_set(os.path.dirname(path) or ".")  # an export killed mid-way: all new, never a mix
+    payload = read_model_bytes(path)
+    if payload.startswith(b"PK"):
         raise CifarkitError(
             f"model {path} is a zip archive (a TorchScript model.pt?); cifar-infer runs the ONNX export, model.onnx"
         )
-    import onnxruntime as ort
-
     try:
-        session = ort.InferenceSession(path, sess_options=_session_options(intra_op_threads), providers=_PROVIDERS)
+        # From bytes: the file is read once, as a regular file; external data files (which a cifarkit export
+        # never has) cannot be resolved, so a model cannot make onnxruntime read other files.
+        session = start_session(payload, _session_options(intra_op_threads), device)
+    except CifarkitError:
+        raise  # the device's provider is missing or did not start: start_session said what to install
     except Exception as exc:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for bad files
         raise CifarkitError(f"model {path} is not a valid ONNX model ({first_line(exc)})") from None
     props = dict(session.get_modelmeta().custom_metadata_map)
@@ -275,6 +364,25 @@ def open_session(path: str | os.PathLike[str], *, intra_op_threads: int | None =
     except (ValueError, TypeError) as exc:
         raise CifarkitError(f"model {path} has bad cifarkit metadata: {exc}") from None
     return session, meta, path
+
+
+MAX_MODEL_BYTES = 1 << 30  # 1 GiB: a cifarkit export is under 10 MB; protobuf itself stops at 2 GiB
+
+
+def read_model_bytes(path: str) -> bytes:
+    """The model file's bytes, if it is a regular file of a sane size (CifarkitError naming it otherwise)."""
+    try:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_MODEL_BYTES:
+                raise CifarkitError(f"model {path} is {size:,} bytes, over the {MAX_MODEL_BYTES:,}-byte limit")
+            return f.read()
+    except NotRegularFile as exc:
+        raise CifarkitError(f"model {path} {exc.strerror}") from None
+    except FileNotFoundError:
+        raise CifarkitError(f"model {path} does not exist") from None
+    except OSError as exc:
+        raise CifarkitError(f"model {path}: cannot read ({stat_reason(path, exc)})") from None
 
 
 def check_contract(session: Any, meta: ArtifactMeta, source: str) -> None:
@@ -307,8 +415,6 @@ def check_contract(session: Any, meta: ArtifactMeta, source: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------
-
-_PROVIDERS = ["CPUExecutionProvider"]
 
 
 def _session_options(intra_op_threads: int | None) -> Any:

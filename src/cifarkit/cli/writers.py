@@ -1,4 +1,9 @@
-"""Output formats of cifar-infer, written row by row as predictions come: table, csv, json, jsonl.
+"""Output formats of cifar-infer, written row by row as predictions come: table, csv, json, jsonl, and
+parquet (a dataset folder of part files, cifarkit.shards.PredictionParts, that also holds the failed inputs).
+
+Names from data (paths, class names) are escaped by one reversible rule (cifarkit.escape): table and csv
+carry escape_name's text, json and jsonl JSON strings; no format can be broken by a name, and none passes a
+control character to a terminal.
 
 write = Writer(f, "csv", labels, top_k)
 write.start(); write.row(prediction); ...; write.end()
@@ -7,12 +12,12 @@ write.start(); write.row(prediction); ...; write.end()
 from __future__ import annotations
 
 import csv
-import json
 from typing import IO, Any
 
-from cifarkit.infer import Prediction
+from cifarkit.escape import escape_name, json_line
+from cifarkit.infer import Failure, Prediction
 
-FORMATS = ("table", "csv", "json", "jsonl")
+FORMATS = ("table", "csv", "json", "jsonl", "parquet")
 
 
 class Writer:
@@ -24,7 +29,8 @@ class Writer:
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}")
         self.f, self.fmt, self.k = f, fmt, top_k
-        self.width = max(5, *(len(label) for label in labels))
+        self.names = {label: escape_name(label) for label in labels}  # escaped once, not per row
+        self.width = max(5, *(len(name) for name in self.names.values()))
         self.csv = csv.writer(f, lineterminator="\n") if fmt == "csv" else None
         self.rows = 0
 
@@ -39,19 +45,29 @@ class Writer:
             self.f.write("[")
 
     def row(self, p: Prediction) -> None:
-        if self.fmt == "table":
-            cells = [f"{label:<{self.width}} {100 * prob:5.1f}%" for label, prob in p.top_k]
-            self.f.write("  ".join(cells) + f"  {p.source}\n")
+        names = self.names
+        if self.fmt == "parquet":  # f is a cifarkit.shards.PredictionParts
+            self.f.prediction(p)
+        elif self.fmt == "table":
+            cells = [f"{names[label]:<{self.width}} {100 * prob:5.1f}%" for label, prob in p.top_k]
+            self.f.write("  ".join(cells) + f"  {escape_name(p.source)}\n")
         elif self.fmt == "csv":
-            extra = [v for label, prob in p.top_k[1:] for v in (label, f"{prob:.6f}")]
-            self.csv.writerow([p.source, p.label, p.index, f"{p.probability:.6f}", *extra])
+            extra = [v for label, prob in p.top_k[1:] for v in (names[label], f"{prob:.6f}")]
+            self.csv.writerow([escape_name(p.source), names[p.label], p.index, f"{p.probability:.6f}", *extra])
         else:
-            text = json.dumps(p.to_dict(), ensure_ascii=False)
+            text = json_line(p.to_dict())
             if self.fmt == "json":
                 text = ("\n" if self.rows == 0 else ",\n") + text
             self.f.write(text + ("\n" if self.fmt == "jsonl" else ""))
         self.rows += 1
 
+    def failure(self, failure: Failure) -> None:
+        """An input that failed: a row with its error in parquet; the text formats name it on stderr only."""
+        if self.fmt == "parquet":
+            self.f.failure(failure)
+
     def end(self) -> None:
-        if self.fmt == "json":
+        if self.fmt == "parquet":
+            self.f.close()
+        elif self.fmt == "json":
             self.f.write("\n]\n")
