@@ -123,10 +123,11 @@ def test_models_own_their_parameter_groups():
     trainable = {id(p) for p in net.parameters() if p.requires_grad}
     listed = [id(p) for g in groups.values() for p in g.params]
     assert sorted(listed) == sorted(trainable)  # every trainable parameter exactly once
-    opt = make_optimization(net, recipe, lr=recipe.lr, batch_size=1024, device=CPU, total_steps=100)
-    opt.step = 0
-    opt.set_lr(epoch=2)
+    opt = make_optimization(net, recipe, lr=recipe.lr, batch_size=1024, device=CPU, total_steps=100, steps_per_epoch=10)
+    opt.step = 29  # the last step of epoch 3 (0-based: 2)
+    opt.set_lr()
     assert [g["lr"] > 0 for g in opt.optimizer.param_groups] == [True, True, True]
-    opt.set_lr(epoch=3)  # the whitening bias stops after 3 epochs
+    opt.step = 30  # the whitening bias stops after 3 epochs
+    opt.set_lr()
     assert [g["lr"] > 0 for g in opt.optimizer.param_groups] == [True, True, False]
     assert [g.name for g in BlogCNN().param_groups(RECIPES["blog"])] == ["all"]

@@ -37,7 +37,9 @@ def test_a_few_steps_lower_the_loss():
     deployed = DeployedModel(model, BLOG_MEAN, BLOG_STD)
     batches = DeviceBatches(x, y, batch_size=32, device=CPU, mean=BLOG_MEAN, std=BLOG_STD)
     before = evaluate(deployed, x, y, tuple(map(str, range(10))), device=CPU)
-    opt = make_optimization(model, RECIPES["blog"], lr=1e-3, batch_size=32, device=CPU)
+    opt = make_optimization(
+        model, RECIPES["blog"], lr=1e-3, batch_size=32, device=CPU, total_steps=24, steps_per_epoch=8
+    )
     for epoch in range(3):
         losses = train_one_epoch(model, batches, opt, epoch)
     after = evaluate(deployed, x, y, tuple(map(str, range(10))), device=CPU)
@@ -117,8 +119,12 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path, batches_py):
     straight = train(TrainConfig(data=str(batches_py), epochs=3, out=str(tmp_path / "straight"), device="cpu"))
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(data=str(batches_py), epochs=3, out=str(tmp_path / "killed"), device="cpu"), _KillAfter(2))
-    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 2
-    resumed = train(TrainConfig(resume=str(tmp_path / "killed" / "checkpoint.pt"), epochs=3, device="cpu"))
+    killed = tmp_path / "killed" / "checkpoint.pt"
+    assert load_checkpoint(killed)["epoch"] == 2
+    with pytest.raises(CifarkitError, match="pass --data"):  # a data path is never read from a checkpoint
+        train(TrainConfig(resume=str(killed), device="cpu"))
+    # No --epochs: the interrupted run continues to its own target (3), not to the recipe's default (4).
+    resumed = train(TrainConfig(resume=str(killed), data=str(batches_py), device="cpu"))
     assert resumed.out_dir == tmp_path / "killed" and resumed.epochs_run == 1
     a = load_checkpoint(straight.checkpoint)
     b = load_checkpoint(resumed.checkpoint)
@@ -126,7 +132,7 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path, batches_py):
     assert [r["losses"] for r in b["history"]] == [r["losses"] for r in a["history"]]
     assert resumed.metrics.accuracy == straight.metrics.accuracy
     with pytest.raises(CifarkitError, match="already holds 3 epochs"):
-        train(TrainConfig(resume=str(resumed.checkpoint), epochs=3, device="cpu"))
+        train(TrainConfig(resume=str(resumed.checkpoint), data=str(batches_py), device="cpu"))
 
 
 @pytest.mark.parametrize(
@@ -136,7 +142,11 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path, batches_py):
         ({"epochs": -2.5}, "--epochs must be a positive number"),
         ({"lr": -0.1}, "--lr must be a positive number"),
         ({"lr": float("nan")}, "--lr must be a positive number"),
-        ({"batch_size": 0}, "--batch-size must be at least 1"),
+        ({"batch_size": 0}, "--batch-size must be 1 to 65,536"),
+        ({"batch_size": 10**9}, "--batch-size must be 1 to 65,536"),
+        ({"threads": 100_000}, "--threads must be 1 to 256"),
+        ({"epochs": 1e9}, "--epochs must be a positive number up to 10,000"),
+        ({"eval_batch_size": 10**7}, "--eval-batch-size must be 1 to 65,536"),
         ({"precision": "fp8"}, "--precision"),
     ],
 )

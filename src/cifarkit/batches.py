@@ -25,9 +25,11 @@ class DeviceBatches:
     sees exactly the order an uninterrupted run would have. With `world_size` > 1 each rank takes an equal,
     disjoint share of every epoch's permutation (DistributedSampler's rule: pad by wrapping).
 
-    Augmentation, batched on the device (airbench's scheme): `translate` shifts every image by up to that
-    many pixels in x and y (reflect padding); `flip` mirrors a fixed random half of the images and then
-    flips all of them every other epoch, which sees both views more evenly than independent coin flips."""
+    Augmentation, on the device, batch by batch (airbench's scheme): `translate` shifts every image by up to
+    that many pixels in x and y (reflect padding); `flip` mirrors a fixed random half of the images and then
+    flips all of them every other epoch, which sees both views more evenly than independent coin flips. Each
+    epoch's shifts are drawn for every image at once, from a generator seeded with (seed, epoch): the pixels
+    do not depend on the batch size or on how far a run got before it was resumed."""
 
     def __init__(
         self,
@@ -64,10 +66,6 @@ class DeviceBatches:
         if flip:
             g = torch.Generator().manual_seed(seed * 1_000_003 + 7_777)
             self.flip_mask = (torch.rand(len(y), generator=g) < 0.5).to(device)  # [N] bool
-        self.padded: torch.Tensor | None = None
-        if translate:
-            p = translate  # reflect-pad once: [N, H + 2p, W + 2p, 3] uint8
-            self.padded = torch.from_numpy(np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")).to(device)
 
     def __len__(self) -> int:
         n = self.per_rank
@@ -91,31 +89,52 @@ class DeviceBatches:
             idx = idx[self.rank : total : self.world_size]
         return idx.to(self.device)
 
+    def _shifts(self, epoch: int) -> torch.Tensor | None:
+        """This epoch's translation of every image, int64 [N, 2] (dy, dx) in [-translate, translate]."""
+        if not self.translate:
+            return None
+        r = self.translate
+        return torch.randint(-r, r + 1, (len(self.y), 2), generator=self._generator(epoch, 500_009)).to(self.device)
+
+    def gather(self, idx: torch.Tensor, epoch: int, shifts: torch.Tensor | None = None) -> torch.Tensor:
+        """The augmented uint8 [B, H, W, 3] images `idx` as epoch `epoch` sees them: shifted by up to
+        `translate` pixels with reflect padding (np.pad's "reflect": the edge pixel is not repeated), then
+        mirrored where the flip mask says, in one gather from the stored images. Nothing the size of the data
+        set is copied, and there is no boolean mask (which would make a GPU wait)."""
+        if shifts is None and self.translate:
+            shifts = self._shifts(epoch)
+        flip = None if self.flip_mask is None else (self.flip_mask ^ bool(epoch % 2)).index_select(0, idx)
+        if shifts is None and flip is None:
+            return self.x.index_select(0, idx)
+        n, h, w = len(idx), self.x.shape[1], self.x.shape[2]
+        rows = torch.arange(h, device=self.device).expand(n, h)  # [B, H]
+        cols = torch.arange(w, device=self.device).expand(n, w)  # [B, W]
+        if flip is not None:
+            cols = torch.where(flip.view(-1, 1), (w - 1) - cols, cols)  # mirror after the shift: reverse columns
+        if shifts is not None:
+            s = shifts.index_select(0, idx)
+            rows = _reflect(rows + s[:, :1], h)
+            cols = _reflect(cols + s[:, 1:], w)
+        return self.x[idx.view(n, 1, 1), rows.view(n, h, 1), cols.view(n, 1, w)]
+
     def images(self, epoch: int) -> torch.Tensor:
-        """This epoch's augmented uint8 [N, H, W, 3] images (the stored ones when augmentation is off)."""
-        x = self.x
-        if self.padded is not None:
-            r = self.translate
-            h, w = x.shape[1], x.shape[2]
-            shifts = torch.randint(-r, r + 1, (len(x), 2), generator=self._generator(epoch, 500_009)).to(self.device)
-            out = torch.empty_like(x)
-            for sy in range(-r, r + 1):  # (2r+1)^2 masked copies: fast for r <= 2 (airbench's batch_crop)
-                for sx in range(-r, r + 1):
-                    mask = (shifts[:, 0] == sy) & (shifts[:, 1] == sx)
-                    out[mask] = self.padded[mask, r + sy : r + sy + h, r + sx : r + sx + w]
-            x = out
-        if self.flip_mask is not None:
-            mask = self.flip_mask ^ bool(epoch % 2)
-            x = torch.where(mask.view(-1, 1, 1, 1), x.flip(2), x)
-        return x
+        """This epoch's augmented uint8 [N, H, W, 3] images, all of them (for inspection: training gathers
+        them batch by batch)."""
+        return self.gather(torch.arange(len(self.y), device=self.device), epoch)
 
     def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self.order(epoch)
-        x = self.images(epoch)
+        shifts = self._shifts(epoch)
         stop = len(self) * self.batch_size if self.drop_last else len(idx)
         for start in range(0, stop, self.batch_size):
             b = idx[start : start + self.batch_size]
-            xb = normalize_uint8(x.index_select(0, b), self.mean, self.std)
+            xb = normalize_uint8(self.gather(b, epoch, shifts), self.mean, self.std)
             if not self.channels_last:
                 xb = xb.contiguous()
             yield xb, self.y.index_select(0, b)
+
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices in [-(n - 1), 2n - 2] reflected into [0, n): -1 -> 1, n -> n - 2 (np.pad's "reflect")."""
+    i = i.abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)

@@ -2,7 +2,7 @@
 summary) and loss.png (the curve), written atomically.
 
     summary = report.summary(history, metrics, facts)
-    report.write_run_files(out_dir, summary, steps_per_epoch=1563)
+    report.write_metrics(out_dir, summary); report.plot_loss(losses, out_dir / "loss.png", steps_per_epoch=1563)
 """
 
 from __future__ import annotations
@@ -57,9 +57,8 @@ def summary(history: Sequence[EpochRecord], test: Metrics, facts: dict[str, Any]
     }
 
 
-def write_run_files(out_dir: Path, summary: dict[str, Any], *, steps_per_epoch: int) -> None:
+def write_metrics(out_dir: Path, summary: dict[str, Any]) -> None:
     atomic.write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
-    plot_loss(summary["loss_per_batch"], out_dir / "loss.png", steps_per_epoch=steps_per_epoch)
 
 
 def smooth(values: Sequence[float], window: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from cifarkit.cli import fail, guarded, make_app
+from cifarkit.cli import console, fail, guarded, make_app
 from cifarkit.recipes import RECIPES
 from cifarkit.train import TrainConfig
 
@@ -27,7 +27,7 @@ def main(
         "--data",
         help="'torchvision' (download into --data-dir), an ImageFolder root "
         "with train/ and test/, or an extracted cifar-10-batches-py folder. "
-        "Default: torchvision (or the checkpoint's source with --resume).",
+        "Default: torchvision.",
     ),
     data_dir: str = typer.Option(
         D.data_dir,
@@ -56,23 +56,43 @@ def main(
     ),
     seed: int = typer.Option(D.seed, "--seed", help="Seed for init and shuffling."),
     device: str = typer.Option(D.device, "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps."),
-    precision: str = typer.Option(D.precision, "--precision", help="auto, fp32 or bf16 (autocast)."),
+    precision: str = typer.Option(
+        D.precision,
+        "--precision",
+        help="auto (bf16 autocast where the device has fast bf16: recent CPUs, CUDA GPUs from Ampere on; "
+        "fp16 on older CUDA GPUs; else fp32), fp32, bf16 or fp16 (CUDA only, with a gradient scaler).",
+    ),
     channels_last: str = typer.Option(D.channels_last, "--channels-last", help="auto, on or off."),
     compile: bool = typer.Option(D.compile, "--compile/--no-compile", help="torch.compile the model."),
     out: str = typer.Option(
         D.out, "--out", help="Run folder (default: runs/<model>-<time>; the checkpoint's folder with --resume)."
     ),
-    resume: str = typer.Option(D.resume, "--resume", help="checkpoint.pt to continue from; --epochs is the total."),
+    resume: str = typer.Option(
+        D.resume,
+        "--resume",
+        help="checkpoint.pt to continue from, to its own target (--epochs sets a new total); pass --data again.",
+    ),
+    overwrite: bool = typer.Option(
+        D.overwrite, "--overwrite", help="Replace the run already in --out (default: refuse to touch it)."
+    ),
     eval_every: int = typer.Option(
         D.eval_every, "--eval-every", help="Epochs between test evaluations for the accuracy curve; 0: only the final."
     ),
     threads: int = typer.Option(D.threads, "--threads", help="Torch CPU threads (default: one per core)."),
+    time_budget: str = typer.Option(
+        None,
+        "--time-budget",
+        help="Train the best model that fits this wall time, e.g. 90s, 6m, 1h (the whole process: start-up, "
+        "training, final evaluation and writes); the recipe's schedule is fitted to it. Excludes --epochs.",
+    ),
     progress: str = typer.Option("auto", "--progress", help="auto (bar on a terminal), bar, lines or none."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Train; prints progress, then overall and per-class test accuracy."""
+    from cifarkit.budget import parse_duration, process_start
     from cifarkit.train import train
 
+    budget = guarded(lambda: parse_duration(time_budget), debug=debug) if time_budget is not None else None
     cfg = TrainConfig(
         data=data,
         data_dir=data_dir,
@@ -88,8 +108,11 @@ def main(
         compile=compile,
         out=out,
         resume=resume,
+        overwrite=overwrite,
         threads=threads,
         eval_every=eval_every,
+        time_budget=budget,
+        budget_start=process_start(),
     )
     if progress not in ("auto", "bar", "lines", "none"):
         fail("--progress must be auto, bar, lines or none")
@@ -117,6 +140,13 @@ def _print_results(result: Any) -> None:
             f"\n{len(secs)} epoch(s) on {result.device} ({result.precision}, channels_last="
             f"{'on' if result.channels_last else 'off'}): median {sorted(secs)[len(secs) // 2]:.2f} s/epoch, "
             f"{result.images_per_second:,.0f} images/s"
+        )
+    fitted = result.summary.get("time_budget")
+    if fitted:
+        print(
+            f"time budget {fitted['seconds']:g} s: {result.summary['steps']:,} steps ({result.summary['epochs']} "
+            f"epochs; {fitted['planned_steps']:,} planned after the warm-up, re-fitted {len(fitted['fits']) - 1} "
+            f"time(s)), {result.summary['total_seconds']:.1f} s at the last write"
         )
     print(f"run folder: {result.out_dir}  (checkpoint.pt, metrics.json, loss.png)")
 
@@ -209,5 +239,10 @@ class _BarReporter(_LineReporter):
             self.started = False
 
 
+def run() -> None:
+    """The console script's entry point: the app under cifarkit's signal rules (exit 130 / 143)."""
+    console(app)
+
+
 if __name__ == "__main__":
-    app()
+    run()

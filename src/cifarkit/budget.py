@@ -1,0 +1,170 @@
+"""Training in a time budget: durations, the process clock, and a schedule whose length follows the clock.
+
+A recipe's schedule (learning-rate triangle, lookahead decay, the whitening bias's training window) is a
+function of *progress* through the run, from 0 to 1. Without a budget, progress is step / total steps.
+With one, the run measures its own speed, fixes the number of steps that fit, and re-fits that number when the
+speed drifts: `Progress.refit` keeps the progress already reached and spreads the rest over the new number of
+remaining steps, so the schedule never jumps and always runs to its end.
+
+    budget = parse_duration("6m")                     # 360.0
+    progress = Progress(total_steps=1000)
+    progress.refit(step=100, total_steps=800)         # the rest of the schedule over 700 steps
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+from cifarkit.errors import CifarkitError
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smh])")
+MAX_BUDGET_S = 30 * 24 * 3600.0  # a month: beyond that a budget is a typo
+
+
+def parse_duration(text: str | float, option: str = "--time-budget") -> float:
+    """'90s', '6m', '1h', '1h30m', '2.5m' or a number of seconds -> seconds (a CifarkitError naming `option`
+    for anything else, zero, negative or absurd)."""
+    raw = str(text).strip().lower()
+    try:
+        seconds = float(raw)
+    except ValueError:
+        parts = _DURATION.findall(raw)
+        if not parts or _DURATION.sub("", raw).strip():
+            raise CifarkitError(
+                f"{option}: cannot read {str(text)!r} as a duration (expected e.g. 90s, 6m, 1h30m or seconds)"
+            ) from None
+        seconds = sum(float(v) * _UNITS[u] for v, u in parts)
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_BUDGET_S):
+        raise CifarkitError(f"{option} must be a positive duration up to 30 days, got {str(text)!r}")
+    return seconds
+
+
+def process_start() -> float:
+    """When this process started, on the time.time() clock: the budget covers the whole process, the
+    interpreter's start and the imports included. Linux: /proc/self/stat; elsewhere: this module's import."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        started_ticks = int(fields[19])  # field 22 of stat(5), counted after the ")" that ends the name
+        uptime = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return time.time() - (uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
+@dataclass
+class Progress:
+    """Optimizer steps -> progress through the schedule in [0, 1], piecewise linear. Knots are (step,
+    progress) pairs; the last segment runs from the last knot to (total_steps, 1.0)."""
+
+    total_steps: int
+    knots: list[tuple[int, float]] = field(default_factory=lambda: [(0, 0.0)])
+
+    def at(self, step: int) -> float:
+        for (s0, p0), (s1, p1) in zip(self.knots, self.knots[1:], strict=False):
+            if s0 <= step < s1:
+                return p0 + (p1 - p0) * (step - s0) / (s1 - s0)
+        s0, p0 = self.knots[-1]
+        if step >= self.total_steps:
+            return 1.0
+        return p0 + (1.0 - p0) * (step - s0) / (self.total_steps - s0)
+
+    def refit(self, step: int, total_steps: int) -> None:
+        """From `step` on, finish the schedule in `total_steps` steps in all (at least one more step)."""
+        reached = self.at(step)
+        self.knots = [k for k in self.knots if k[0] < step] + [(step, reached)]
+        self.total_steps = max(total_steps, step + 1)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"total_steps": self.total_steps, "knots": [list(k) for k in self.knots]}
+
+
+@dataclass
+class Budget:
+    """The clock of a budgeted run: when it must end, and what the end itself costs."""
+
+    seconds: float  # the whole process, from its start
+    started: float  # time.time() when the process started
+    reserve: float = 0.0  # seconds kept for what follows the last step: final evaluation, writes, exit
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.seconds
+
+    def steps_that_fit(self, seconds_per_step: float, now: float | None = None) -> int:
+        """How many more steps fit before the deadline, the reserve kept."""
+        left = self.deadline - (time.time() if now is None else now) - self.reserve
+        return max(0, int(left / max(seconds_per_step, 1e-9)))
+
+
+class Pacer:
+    """Fits a budgeted run's length to the clock. Called after every optimizer step: once a short warm-up has
+    passed it measures seconds per step (wall time since the warm-up, so per-epoch evaluations, checkpoint
+    writes and augmentation passes are counted in), fixes how many steps fit before the deadline with the
+    reserve kept, and re-fits that number whenever the estimate moves by more than `tolerance`. The progress
+    map is re-fitted, never cut: the schedule always runs to its end."""
+
+    UNPLANNED = 1 << 40  # total steps before the first fit: progress stays ~0, no plan can end early
+
+    def __init__(
+        self,
+        budget: Budget,
+        progress: Progress,
+        *,
+        warmup_steps: int = 5,  # steps whose time is not counted (first-call allocations, caches, autotuning)
+        warmup_seconds: float = 2.0,  # ... and at least this long, so that a fast step is measured over many
+        refit_seconds: float = 10.0,  # seconds between re-fits
+        tolerance: float = 0.02,  # relative change of the remaining steps that triggers a re-fit
+        min_steps: int = 10,  # fewer steps than this after the warm-up: the budget is too short
+    ) -> None:
+        self.budget, self.progress = budget, progress
+        progress.total_steps = self.UNPLANNED  # until the warm-up has measured the speed
+        self.warmup_steps, self.warmup_seconds = warmup_steps, warmup_seconds
+        self.refit_seconds, self.tolerance, self.min_steps = refit_seconds, tolerance, min_steps
+        self.mark: tuple[int, float] | None = None  # (step, time) where measuring began
+        self.first: tuple[int, float] | None = None  # (step, time) of the first step seen
+        self.last_fit = 0.0
+        self.fits: list[dict[str, float]] = []  # every plan: at step, steps in all, seconds per step
+
+    def step_done(self, step: int, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if self.first is None:
+            self.first = (step, now)
+        if self.mark is None:
+            if step - self.first[0] >= self.warmup_steps and now - self.first[1] >= self.warmup_seconds:
+                self.mark = (step, now)
+            return
+        measured_steps, measured_s = step - self.mark[0], now - self.mark[1]
+        if measured_steps < 3 or measured_s < 1.0 or (self.fits and now - self.last_fit < self.refit_seconds):
+            return
+        per_step = measured_s / measured_steps
+        total = step + self.budget.steps_that_fit(per_step, now)
+        if not self.fits and total - step < self.min_steps:
+            spent = now - self.budget.started
+            raise CifarkitError(
+                f"--time-budget {self.budget.seconds:g}s is too short here: {spent:.0f} s went to start-up, data and "
+                f"a warm-up, a step takes {per_step:.2f} s and the end needs ~{self.budget.reserve:.0f} s; give it "
+                f"at least {spent + self.budget.reserve + self.min_steps * per_step * 2:.0f} s"
+            )
+        remaining_now = self.progress.total_steps - step
+        if not self.fits or abs((total - step) - remaining_now) > self.tolerance * max(remaining_now, 1):
+            self.progress.refit(step, total)
+            self.fits.append({"step": step, "total_steps": self.progress.total_steps, "seconds_per_step": per_step})
+        self.last_fit = now
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "seconds": self.budget.seconds,
+            "reserve_seconds": round(self.budget.reserve, 2),
+            "planned_steps": self.fits[0]["total_steps"] if self.fits else None,
+            "final_planned_steps": self.progress.total_steps,
+            "fits": self.fits,
+        }
