@@ -4,9 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= runs/demo
-DATA   ?= $(if $(CIFARKIT_DATA),$(CIFARKIT_DATA),torchvision)
+# The demo's data source; empty: scripts/demo_data.py picks $CIFARKIT_DATA, torchvision or the bundled sample.
+DATA   ?=
 
-.PHONY: venv demo test lint clean embedding
+.PHONY: venv demo demo-steps test test-all fuzz faults lint clean embedding
 
 venv: $(STAMP)
 
@@ -16,15 +17,34 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The main job: train the blog recipe, export verified artifacts, classify a few test images with them.
+# The main job: train the blog recipe, export verified artifacts, classify a few test images with them and
+# evaluate the exported model on the test set. The data: $(DATA) if given, else scripts/demo_data.py's choice
+# ($CIFARKIT_DATA, else torchvision's CIFAR-10, else offline the bundled sample, saying so on stderr).
 demo: $(STAMP)
-	$(BIN)/cifar-train --data "$(DATA)" --out $(RUN)
+	@data="$(if $(DATA),$(DATA),$$($(BIN)/python scripts/demo_data.py))" && \
+	  $(MAKE) --no-print-directory demo-steps DATA="$$data"
+
+demo-steps: $(STAMP)
+	$(BIN)/cifar-train --data "$(DATA)" --out $(RUN) --overwrite
 	$(BIN)/cifar-export $(RUN)/checkpoint.pt --out $(RUN) --format all
 	$(BIN)/python scripts/demo_images.py --data "$(DATA)" --out $(RUN)/samples --count 20
 	$(BIN)/cifar-infer $(RUN)/samples --model $(RUN)/model.onnx
+	$(BIN)/cifar-eval $(RUN)/model.onnx --data "$(DATA)" --out $(RUN)/eval
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Everything, the tests marked slow included (SIGTERM for export and training, airbench under torchrun):
+# before a release.
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m ""
+
+# The long fuzzing profile (600 cases per target) and the full fault-injection matrix; both print their figures.
+fuzz: $(STAMP)
+	CIFARKIT_FUZZ=long $(BIN)/python -m pytest -q -s tests/test_fuzz.py
+
+faults: $(STAMP)
+	CIFARKIT_FAULTS=long $(BIN)/python -m pytest -m "" -q -s tests/test_faults.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -149,6 +149,7 @@ def test_torchrun_two_processes_with_gloo(tmp_path, batches_py):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "loss.png", "metrics.json"]
 
 
+@pytest.mark.slow  # ~45 s; DDP itself is in the default suite (test_torchrun_two_processes_with_gloo)
 @pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
 def test_torchrun_airbench_past_the_whitening_bias_freeze(tmp_path, batches_py):
     """The strong recipe under DDP, across epoch 3 where the whitening bias stops learning."""

@@ -46,7 +46,6 @@ def quick(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
     return proc, (json.loads(path.read_text()) if path.exists() else {})
 
 
-@pytest.mark.slow  # ~50 s of subprocesses; `make test-all`, and before every GPU session
 def test_quick_check_passes_every_phase(quick):
     proc, report = quick
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -62,7 +61,6 @@ def test_quick_check_passes_every_phase(quick):
         assert f"] {name}: ok in " in proc.stdout
 
 
-@pytest.mark.slow
 def test_quick_check_figures(quick):
     _, report = quick
     assert report["data"]["train_images"] == 320 and report["data"]["test_images"] == 100

@@ -68,12 +68,8 @@ def atomic_path(path: str | os.PathLike[str], option: str = "output") -> Iterato
         raise CifarkitError(f"{option}: cannot write to {target.parent} ({exc.strerror or exc})") from None
     os.close(fd)
     try:
-        try:
+        with _disk_errors(f"{option}: cannot write {path}"):
             yield tmp
-        except OSError as exc:
-            if exc.errno in _WRITE_ERRORS:
-                raise CifarkitError(f"{option}: cannot write {path} ({exc.strerror})") from None
-            raise
         try:
             os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, target)
@@ -86,6 +82,18 @@ def atomic_path(path: str | os.PathLike[str], option: str = "output") -> Iterato
 
 # What a full or failing disk says while the body writes; other OSErrors in the body are not about our file.
 _WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+
+
+@contextlib.contextmanager
+def _disk_errors(what: str) -> Iterator[None]:
+    """A full or failing disk while the body writes -> CifarkitError(f"{what} ({reason})")."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _WRITE_ERRORS:
+            raise CifarkitError(f"{what} ({exc.strerror})") from None
+        raise
+
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[^.]+\.tmp$")
 
@@ -184,12 +192,8 @@ def staged_folder(
         _remove_empty(created)
         raise CifarkitError(f"{option}: cannot write to {parent} ({exc.strerror or exc})") from None
     try:
-        try:
+        with _disk_errors(f"{option}: cannot write into {path}"):
             yield tmp
-        except OSError as exc:
-            if exc.errno in _WRITE_ERRORS:
-                raise CifarkitError(f"{option}: cannot write into {path} ({exc.strerror})") from None
-            raise
         try:
             if os.path.lexists(target):
                 for name in replace or ():

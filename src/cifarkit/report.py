@@ -82,7 +82,10 @@ def plot_loss(losses: Sequence[float], path: Path, *, steps_per_epoch: int) -> N
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     steps = np.arange(1, len(losses) + 1)
     ax.plot(steps, losses, color="#9ecae1", linewidth=0.6, label="loss per batch")
-    ax.plot(steps, smooth(losses, max(10, steps_per_epoch // 20)), color="#08519c", linewidth=1.8, label="smoothed")
+    # A window of 1/20 epoch (at least 10 steps), but never more than a tenth of the run: a short run (a tight
+    # --time-budget: tens of steps) would otherwise show a curve that lags its own data by many steps.
+    window = max(1, min(max(10, steps_per_epoch // 20), len(losses) // 10))
+    ax.plot(steps, smooth(losses, window), color="#08519c", linewidth=1.8, label="smoothed")
     for e in range(steps_per_epoch, len(losses), steps_per_epoch):
         ax.axvline(e, color="#bbbbbb", linewidth=0.8, linestyle=":")
     ax.set_xlabel("batch (optimizer step)")

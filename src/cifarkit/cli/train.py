@@ -26,8 +26,8 @@ def main(
         None,
         "--data",
         help="'torchvision' (download into --data-dir), an ImageFolder root "
-        "with train/ and test/, or an extracted cifar-10-batches-py folder. "
-        "Default: torchvision.",
+        "with train/ and test/, an extracted cifar-10-batches-py folder, or 'sample' (the small "
+        "CIFAR-10 sample bundled with cifarkit, for offline demos). Default: torchvision.",
     ),
     data_dir: str = typer.Option(
         D.data_dir,
