@@ -84,6 +84,7 @@ def test_recipe_table():
         get_recipe("nope")
 
 
+@pytest.mark.slow  # ~35 s; the CPU device check in the default suite also exports airbench and checks its parity
 def test_short_airbench_run_exports_with_tta_inside(tmp_path, batches_py):
     result = train(
         TrainConfig(
