@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from cifarkit.budget import Budget, Pacer, Progress, parse_duration
+from cifarkit.budget import FINAL_EVAL_SHARE, TTA_PASSES, Budget, Pacer, Progress, final_tta, parse_duration
 from cifarkit.checkpoint import load_checkpoint
 from cifarkit.errors import CifarkitError
 from cifarkit.recipes import RECIPES
+from cifarkit.spec import TTA_MODES
 from cifarkit.train import Reporter, TrainConfig, train
 
 BIN = Path(sys.executable).parent
@@ -108,6 +109,21 @@ def test_sixty_second_budgets_end_in_time_with_the_schedule_run_to_its_end(small
             last = float(np.interp(plan.at(state["step"] - 1), [0, schedule[1], 1], [schedule[0], 1, schedule[2]]))
             assert abs(last - schedule[2]) < 0.1  # the last step taken was at the tail, not cut off mid-way
         assert {"start_up", "data", "build", "epochs", "final_evaluation", "report"} <= set(metrics["phases"])
+        # The final evaluation's TTA is what the budget chose, and the checkpoint (so the export) carries it.
+        assert fitted["final_tta"] in TTA_MODES and metrics["tta"] == fitted["final_tta"]
+        assert state["artifact"]["tta"] == fitted["final_tta"]
+
+
+def test_the_final_tta_fits_its_share_of_the_budget():
+    assert tuple(TTA_PASSES) == TTA_MODES  # every mode has a cost, cheapest first
+    budget = 360.0
+    allowed = FINAL_EVAL_SHARE * budget  # 36 s
+    assert final_tta("hflip_translate", allowed / 6, budget) == "hflip_translate"  # 6 passes fit exactly
+    assert final_tta("hflip_translate", allowed / 6 * 1.01, budget) == "hflip"
+    assert final_tta("hflip_translate", allowed / 2 * 1.01, budget) == "none"
+    assert final_tta("hflip", allowed / 2, budget) == "hflip"  # never richer than the recipe's
+    assert final_tta("none", 0.001, budget) == "none"
+    assert final_tta("hflip_translate", allowed * 5, budget) == "none"  # even one pass over: none, never fail
 
 
 @pytest.mark.parametrize(

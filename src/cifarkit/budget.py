@@ -87,6 +87,21 @@ class Progress:
         return {"total_steps": self.total_steps, "knots": [list(k) for k in self.knots]}
 
 
+# Forward passes per image of each test-time augmentation (models.DeployedModel), cheapest first.
+TTA_PASSES = {"none": 1, "hflip": 2, "hflip_translate": 6}
+# The final evaluation may take at most this share of a time budget; beyond it the time goes to training. On a
+# 2-core CPU without bf16, airbench's 6-pass TTA took 112 s of a 6-minute budget: a third of the run.
+FINAL_EVAL_SHARE = 0.10
+
+
+def final_tta(recipe_tta: str, one_pass_seconds: float, budget_seconds: float) -> str:
+    """The test-time augmentation for a budgeted run's final evaluation: the recipe's if its passes over the
+    test set fit in FINAL_EVAL_SHARE of the budget, else the richest cheaper one that fits, else none."""
+    modes = list(TTA_PASSES)[: list(TTA_PASSES).index(recipe_tta) + 1]  # the recipe's and the cheaper ones
+    allowed = FINAL_EVAL_SHARE * budget_seconds
+    return next((m for m in reversed(modes) if TTA_PASSES[m] * one_pass_seconds <= allowed), "none")
+
+
 @dataclass
 class Budget:
     """The clock of a budgeted run: when it must end, and what the end itself costs."""
@@ -124,8 +139,9 @@ class Pacer:
         refit_seconds: float = 10.0,  # seconds between re-fits
         tolerance: float = 0.02,  # relative change of the remaining steps that triggers a re-fit
         min_steps: int = 10,  # fewer steps than this after the warm-up: the budget is too short
+        final_tta: str | None = None,  # the test-time augmentation chosen for the final evaluation (a record)
     ) -> None:
-        self.budget, self.progress = budget, progress
+        self.budget, self.progress, self.final_tta = budget, progress, final_tta
         progress.total_steps = self.UNPLANNED  # until the warm-up has measured the speed
         self.warmup_steps, self.warmup_seconds = warmup_steps, warmup_seconds
         self.refit_seconds, self.tolerance, self.min_steps = refit_seconds, tolerance, min_steps
@@ -164,6 +180,7 @@ class Pacer:
         return {
             "seconds": self.budget.seconds,
             "reserve_seconds": round(self.budget.reserve, 2),
+            "final_tta": self.final_tta,
             "planned_steps": self.fits[0]["total_steps"] if self.fits else None,
             "final_planned_steps": self.progress.total_steps,
             "fits": self.fits,

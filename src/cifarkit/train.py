@@ -26,7 +26,7 @@ from torch import nn
 from cifarkit import report
 from cifarkit.atomic import output_folder
 from cifarkit.batches import DeviceBatches
-from cifarkit.budget import MAX_BUDGET_S, Budget, Pacer, Progress
+from cifarkit.budget import MAX_BUDGET_S, TTA_PASSES, Budget, Pacer, Progress, final_tta
 from cifarkit.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, load_weights, save_checkpoint
 from cifarkit.data import CifarData, load_data
 from cifarkit.errors import CifarkitError, first_line
@@ -467,7 +467,12 @@ def _run(cfg: TrainConfig, rt: Runtime, resumed: dict[str, Any] | None, rep: Rep
     step_model = _wrap(model, rt, cfg.compile)
     opt = _build_optimization(cfg, recipe, model, len(batches), rt, resumed)
     scaler = rt.grad_scaler()  # fp16 only; its scale restarts at 2**16 on resume and re-adapts in a few steps
-    pacer = _pacer(cfg, recipe, model, data, rt, opt, clock) if cfg.time_budget else None
+    # The test-time augmentation of the final evaluation and of the exported model: the recipe's, unless a time
+    # budget chose a cheaper one (kept in the checkpoint, so that a resumed run ends with the same).
+    final_tta = resumed["artifact"]["tta"] if resumed else recipe.tta
+    pacer = None
+    if cfg.time_budget:
+        pacer, final_tta = _pacer(cfg, recipe, model, data, rt, opt, clock)
     clock.lap("build")
     start_epoch = int(resumed["epoch"]) if resumed else 0
     parameters = count_parameters(model)
@@ -512,7 +517,7 @@ def _run(cfg: TrainConfig, rt: Runtime, resumed: dict[str, Any] | None, rep: Rep
 
         # The accuracy curve is cheap: no TTA, the training precision. The final figure is what the exported
         # model gives: fp32 with the recipe's TTA.
-        tta = recipe.tta if last else "none"
+        tta = final_tta if last else "none"
         tested = None
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
             tested = metrics = _test(model, recipe, data, cfg, rt, tta, "fp32" if last else rt.precision)
@@ -533,7 +538,7 @@ def _run(cfg: TrainConfig, rt: Runtime, resumed: dict[str, Any] | None, rep: Rep
         # Under a time budget the first checkpoint waits for the first fit: before it there is no plan to resume,
         # and a budget found too short leaves no run folder.
         if rt.dist.main and (pacer is None or pacer.fits or last):
-            state = _checkpoint_state(cfg, recipe, model, opt, data, rt, history, metrics)
+            state = _checkpoint_state(cfg, recipe, model, opt, data, rt, history, metrics, final_tta)
             save_checkpoint(out_dir / "checkpoint.pt", state)
         rep.epoch_end(record, _epochs_planned(opt, len(batches)))
         epoch += 1
@@ -549,7 +554,7 @@ def _run(cfg: TrainConfig, rt: Runtime, resumed: dict[str, Any] | None, rep: Rep
         "classes": list(data.classes),
         "epochs": epoch if cfg.time_budget else cfg.epochs,
         "steps": opt.step,
-        "tta": recipe.tta,
+        "tta": final_tta,
         **rt.info(),
         "compile": cfg.compile,
         "optimizer": type(opt.optimizer).__name__ + (" (fused)" if opt.optimizer.defaults.get("fused") else ""),
@@ -620,26 +625,33 @@ def _test(
 
 def _pacer(
     cfg: TrainConfig, recipe: Recipe, model: Net, data: CifarData, rt: Runtime, opt: Optimization, clock: _Clock
-) -> Pacer:
-    """The time budget's pacer, its reserve measured: the final evaluation (fp32, the recipe's TTA) timed on
-    a slice of the test set and scaled to all of it, plus what the checkpoint, the reports and the exit take."""
+) -> tuple[Pacer, str]:
+    """The time budget's pacer, its reserve measured, and the final test-time augmentation. One forward pass
+    of the test set (fp32) is timed on a slice and scaled to all of it; the final evaluation keeps the recipe's
+    TTA if it fits in its share of the budget, else a cheaper one (cifarkit.budget.final_tta). The reserve:
+    that evaluation plus what the checkpoint, the reports and the exit take."""
     if clock.since_start() >= cfg.time_budget:
         raise CifarkitError(
             f"--time-budget {cfg.time_budget:g}s is already spent ({clock.since_start():.0f} s of start-up and data)"
         )
-    probe = min(len(data.test_y), 256)
+    probe = min(len(data.test_y), 512)
+    small = replace(cfg, eval_batch_size=min(cfg.eval_batch_size, probe))
+    warm = replace(data, test_x=data.test_x[:16], test_y=data.test_y[:16])
+    _test(model, recipe, warm, small, rt, "none", "fp32")  # first-call costs (allocations, kernels) not counted
     t0 = time.perf_counter()
     head = replace(data, test_x=data.test_x[:probe], test_y=data.test_y[:probe])
-    _test(model, recipe, head, replace(cfg, eval_batch_size=min(cfg.eval_batch_size, probe)), rt, recipe.tta, "fp32")
+    _test(model, recipe, head, small, rt, "none", "fp32")
     model.train()
-    final_eval = (time.perf_counter() - t0) * len(data.test_y) / probe
+    one_pass = (time.perf_counter() - t0) * len(data.test_y) / probe
+    tta = final_tta(recipe.tta, one_pass, cfg.time_budget)
+    final_eval = TTA_PASSES[tta] * one_pass
     # What follows the last step besides the evaluation: the checkpoint (~10 MB/s at worst here, plus torch's
     # serialisation), metrics.json and loss.png (matplotlib's first import and drawing: ~1 s on a 2-core CPU)
     # and the interpreter's exit (torch's teardown, ~0.5 s); 1 % of the budget on top for the clock's noise.
     weights_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
     reserve = 1.1 * final_eval + 3 * weights_mb / 10 + 2.0 + 0.01 * cfg.time_budget
     budget = Budget(seconds=cfg.time_budget, started=clock.start, reserve=reserve)
-    return Pacer(budget, opt.progress, refit_seconds=max(5.0, cfg.time_budget / 40))
+    return Pacer(budget, opt.progress, refit_seconds=max(5.0, cfg.time_budget / 40), final_tta=tta), tta
 
 
 # ---- the run's phases -------------------------------------------------------------------------------------
@@ -788,6 +800,7 @@ def _checkpoint_state(
     rt: Runtime,
     history: list[EpochRecord],
     metrics: Metrics | None,
+    tta: str,
 ) -> dict[str, Any]:
     """Everything cifarkit.checkpoint documents, as plain data on the CPU."""
 
@@ -799,7 +812,7 @@ def _checkpoint_state(
         model_name=cfg.model,
         mean=recipe.mean,
         std=recipe.std,
-        tta=recipe.tta,
+        tta=tta,
         test_accuracy=None if metrics is None else round(metrics.accuracy, 6),
     )
     return {
