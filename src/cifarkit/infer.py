@@ -37,8 +37,8 @@ from cifarkit.files import (
     chunked,
     default_threads,
     iter_image_files,
-    open_regular,
     ordered_map,
+    read_regular,
     stat_reason,
 )
 from cifarkit.preprocess import ImageError, to_pixels
@@ -372,17 +372,17 @@ MAX_MODEL_BYTES = 1 << 30  # 1 GiB: a cifarkit export is under 10 MB; protobuf i
 def read_model_bytes(path: str) -> bytes:
     """The model file's bytes, if it is a regular file of a sane size (CifarkitError naming it otherwise)."""
     try:
-        with open_regular(path) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_MODEL_BYTES:
-                raise CifarkitError(f"model {path} is {size:,} bytes, over the {MAX_MODEL_BYTES:,}-byte limit")
-            return f.read()
+        payload = read_regular(path, MAX_MODEL_BYTES)
     except NotRegularFile as exc:
         raise CifarkitError(f"model {path} {exc.strerror}") from None
     except FileNotFoundError:
         raise CifarkitError(f"model {path} does not exist") from None
     except OSError as exc:
         raise CifarkitError(f"model {path}: cannot read ({stat_reason(path, exc)})") from None
+    if payload is None:
+        size = os.stat(path).st_size
+        raise CifarkitError(f"model {path} is {size:,} bytes, over the {MAX_MODEL_BYTES:,}-byte limit")
+    return payload
 
 
 def check_contract(session: Any, meta: ArtifactMeta, source: str) -> None:

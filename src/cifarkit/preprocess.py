@@ -26,7 +26,6 @@ import contextlib
 import errno
 import io
 import os
-import stat
 import struct
 import threading
 from typing import Any
@@ -35,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from cifarkit.errors import first_line
-from cifarkit.files import Blob, NotRegularFile, file_kind, open_regular
+from cifarkit.files import Blob, NotRegularFile, open_regular, read_regular
 from cifarkit.spec import IMAGE_SIZE, RESIZE_FILTER, RESIZE_MODE, RESIZE_MODES
 
 try:  # libjpeg-turbo with the GIL released: the JPEG fast path (see "Bytes -> pixels" below)
@@ -320,28 +319,6 @@ _NUMPY_TRANSPOSE = {
     7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # TRANSVERSE
     8: lambda a: a.transpose(1, 0, 2)[::-1],  # ROTATE_90 (a quarter turn anticlockwise)
 }
-
-
-def read_regular(path: str | os.PathLike[str], limit: int = READ_WHOLE_BYTES) -> bytes | None:
-    """The bytes of a regular file, or None if it is over `limit` bytes. Raises NotRegularFile for a FIFO, a
-    device or a folder (O_NONBLOCK: opening a FIFO returns at once), OSError for the rest. One open, fstat,
-    read and close: ~7 us for a CIFAR JPEG here, against ~13 us through open().read()."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFile(errno.EINVAL, f"is {file_kind(st.st_mode)}, expected a regular file")
-        if st.st_size > limit:
-            return None
-        data = os.read(fd, st.st_size + 1)
-        if len(data) != st.st_size:  # the file changed size since fstat (or a short read): read to its end
-            parts = [data]
-            while chunk := os.read(fd, 1 << 20):
-                parts.append(chunk)
-            data = b"".join(parts)
-        return data
-    finally:
-        os.close(fd)
 
 
 def _fast_jpeg(data: bytes, size: tuple[int, int], mode: str, resample: str) -> np.ndarray | None:

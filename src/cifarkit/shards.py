@@ -31,7 +31,7 @@ from typing import Any
 from cifarkit.atomic import staged_folder
 from cifarkit.errors import CifarkitError, first_line
 from cifarkit.escape import escape_name
-from cifarkit.files import IMAGE_EXTENSIONS, Blob, Failure, NotRegularFile, iter_image_files, stat_reason
+from cifarkit.files import IMAGE_EXTENSIONS, Blob, Failure, NotRegularFile, iter_image_files, read_regular, stat_reason
 
 SHARD_SUFFIX = ".parquet"
 MANIFEST = "_cifar-pack.json"  # what cifar-pack wrote; Parquet readers skip names that start with "_"
@@ -124,8 +124,6 @@ def pack(
 
 
 def _read_for_pack(path: str) -> bytes | Failure:
-    from cifarkit.preprocess import read_regular
-
     try:
         data = read_regular(path, PACK_MAX_FILE_BYTES)
     except NotRegularFile as exc:

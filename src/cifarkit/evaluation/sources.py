@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from cifarkit.data import SAMPLE_SOURCE, load_data, sample_root
+from cifarkit.data import SAMPLE_SOURCE, find_batches_py, load_data, sample_root
 from cifarkit.errors import CifarkitError, first_line
 from cifarkit.evaluation.config import SPLITS
 from cifarkit.files import IMAGE_EXTENSIONS, Failure, list_folder
@@ -167,7 +167,7 @@ def open_labelled(
         )
     if not root.is_dir():
         raise CifarkitError(f"--data: {root} is not a folder")
-    if any((folder / "data_batch_1").is_file() for folder in (root, root / "cifar-10-batches-py")):
+    if find_batches_py(root) is not None:
         return _from_arrays(source, load_data(str(root), data_dir), split, class_names, skip_unknown, "batches-py")
     if (root / "train").is_dir() and (root / "test").is_dir():
         return _from_folders(source, root / split, "imagefolder", split, class_names, skip_unknown)
