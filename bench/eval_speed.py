@@ -29,9 +29,8 @@ from infer_speed import BIN, timed  # the same wall-time and ru_maxrss measureme
 
 
 def eval_command() -> list[str]:
-    """The installed console script, or the module when the package was installed before cifar-eval existed."""
-    script = BIN / "cifar-eval"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cifarkit.cli.eval"]
+    """The installed console script."""
+    return [str(BIN / "cifar-eval")]
 
 
 def infer_accuracy(path: str) -> tuple[float, int]:

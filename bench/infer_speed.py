@@ -55,10 +55,9 @@ def child_blog(test_dir: str, checkpoint: str, out: str, workers: int, batch_siz
     import torchvision
     import torchvision.transforms as transforms
 
-    from cifarkit.checkpoint import load_checkpoint, model_from_checkpoint  # only to rebuild the same network
+    from cifarkit.model.checkpoint import Checkpoint  # only to rebuild the same network
 
-    state = load_checkpoint(checkpoint)
-    net = model_from_checkpoint(state).eval()
+    net = Checkpoint.load(checkpoint).model().eval()
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
     testset = torchvision.datasets.ImageFolder(test_dir, transform=transform)
     loader = torch.utils.data.DataLoader(testset, batch_size=batch_size, shuffle=False, num_workers=workers)

@@ -1,6 +1,6 @@
 """Write a few test images of a data source as PNG files, for `make demo` to classify with cifar-infer.
 
-    python scripts/demo_images.py --data $CIFARKIT_DATA --out runs/demo/samples --count 20
+python scripts/demo_images.py --data $CIFARKIT_DATA --out runs/demo/samples --count 20
 """
 
 from __future__ import annotations

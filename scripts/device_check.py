@@ -150,8 +150,8 @@ def environment(device: Any) -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
-    from cifarkit.runtime import resolve_precision
     from cifarkit.spec import versions
+    from cifarkit.train.runtime import resolve_precision
 
     info: dict[str, Any] = {
         "versions": versions("torch", "torchvision", "numpy", "onnx", "onnxscript", "onnxruntime", "python"),
@@ -207,23 +207,26 @@ def train_recipe(spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """Train one recipe as `spec` says (TrainConfig fields); returns its figures and the checkpoint path."""
     import torch
 
-    from cifarkit.train import Reporter, TrainConfig, train
+    from cifarkit.stage import Silent
+    from cifarkit.train import TrainConfig, train
 
-    class Clock(Reporter):
-        every = 1 << 30  # no progress reads: each one would wait for the GPU
+    class Clock(Silent):
+        """Wall time at the end of each epoch (its "Epoch [i/n] done" line)."""
 
         def __init__(self) -> None:
             self.t0 = time.perf_counter()
             self.wall: list[float] = []
 
-        def epoch_end(self, record: Any, epochs: int) -> None:
-            self.wall.append(time.perf_counter() - self.t0)
+        def note(self, text: str, kind: str = "info") -> None:
+            if kind == "info" and text.startswith("Epoch ["):
+                self.wall.append(time.perf_counter() - self.t0)
 
     cuda = str(spec["device"]).startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     clock = Clock()
-    result = train(TrainConfig(**spec), clock)
+    # No progress reads between epoch ends: each one would wait for the GPU.
+    result = train(TrainConfig(**spec, progress_every=1 << 30, log_every=1 << 30), clock)
     s = result.summary
     secs = list(s["epoch_seconds"])
     curve = [
@@ -257,9 +260,10 @@ def train_recipe(spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 def export_recipe(checkpoint: str, out: Path, test_x: Any, plan: Plan) -> tuple[dict[str, Any], dict[str, Path]]:
     """cifar-export's own path: both formats, each verified on the CPU against the eager model."""
-    from cifarkit.export import export
+    from cifarkit.export import ExportConfig, export
 
-    res = export(checkpoint, out, images=test_x[: plan.verify_images], verify_count=plan.verify_images)
+    cfg = ExportConfig(checkpoint=checkpoint, out=str(out), verify_count=plan.verify_images)
+    res = export(cfg, images=test_x[: plan.verify_images])
     checks = [
         {"format": c.fmt, "images": c.images, "max_abs_logit_diff": c.max_abs_diff, "same_classes": c.same_classes}
         for c in res.checks
@@ -275,14 +279,14 @@ def parity(checkpoint: str, paths: dict[str, Path], data: Any, device: Any, coun
     import numpy as np
     import torch
 
-    from cifarkit.checkpoint import deployed_from_checkpoint, load_checkpoint
     from cifarkit.infer import Classifier
+    from cifarkit.model.checkpoint import Checkpoint
 
     # Evenly spread over the test set: an ImageFolder's is sorted by class, so its first images are one class.
     pick = np.linspace(0, len(data.test_y) - 1, min(count, len(data.test_y))).astype(int)
     images, labels = data.test_x[pick], data.test_y[pick]
     count = len(pick)
-    eager = deployed_from_checkpoint(load_checkpoint(checkpoint)).to(device)
+    eager = Checkpoint.load(checkpoint).deployed().to(device)
     with strict_fp32():
         reference, _ = eager.run_numpy(images)
     default_math, _ = eager.run_numpy(images)
@@ -317,7 +321,7 @@ def inference(checkpoint: str, paths: dict[str, Path], data: Any, device: Any, p
     channels_last, each checked against the fp32 artifact's logits."""
     import torch
 
-    from cifarkit.checkpoint import deployed_from_checkpoint, load_checkpoint
+    from cifarkit.model.checkpoint import Checkpoint
 
     n = plan.infer_batch
     batch = _test_batch(data, n)
@@ -334,7 +338,7 @@ def inference(checkpoint: str, paths: dict[str, Path], data: Any, device: Any, p
         if device.type != "cuda":
             return out
         out["fp32_math"] = "TF32 convolutions" if torch.backends.cudnn.allow_tf32 else "fp32"  # cuDNN's default
-        eager = deployed_from_checkpoint(load_checkpoint(checkpoint)).to(device)
+        eager = Checkpoint.load(checkpoint).deployed().to(device)
         eager.net.to(memory_format=torch.channels_last)
         variants = {"torchscript_bf16_autocast": lambda: module(x), "eager_bf16_channels_last": lambda: eager(x)}
         for name, fn in variants.items():
@@ -530,7 +534,7 @@ def make_synthetic_archives(folder: Path, per_class_train: int, per_class_test: 
 def images_per_second(fn: Callable[[], Any], n: int, device: Any, plan: Plan) -> float:
     """Median images/s of `fn` (n images a call) over 3 timed repeats, each long enough to time (at least
     plan.min_timed_s), after warm-up calls (TorchScript specializes its graph on the first runs)."""
-    from cifarkit.runtime import synchronize
+    from cifarkit.train.runtime import synchronize
 
     def sync() -> None:
         if device is not None:
@@ -657,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child_train:
         return child_train(*args.child_train)
     from cifarkit.errors import CifarkitError
-    from cifarkit.runtime import select_device
+    from cifarkit.train.runtime import select_device
 
     plan = QUICK if args.quick else FULL
     try:

@@ -88,6 +88,13 @@ def write_imagefolder(
     return root
 
 
+def export_checkpoint(checkpoint, out, *, images=None, **settings):
+    """cifarkit.export.export for a checkpoint and an output folder (ExportConfig's other fields as keywords)."""
+    from cifarkit.export import ExportConfig, export
+
+    return export(ExportConfig(checkpoint=str(checkpoint), out=str(out), **settings), images=images)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep decoded-image caches and downloads out of the user's ~/.cache."""
@@ -114,9 +121,9 @@ def trained_run(tmp_path_factory, batches_py):
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, trained_run):
     """model.onnx, model.pt and model.json exported from `trained_run`."""
-    from cifarkit.export import export
+    from cifarkit.export import ExportConfig, export
 
-    return export(trained_run.checkpoint, tmp_path_factory.mktemp("artifacts"))
+    return export(ExportConfig(checkpoint=str(trained_run.checkpoint), out=str(tmp_path_factory.mktemp("artifacts"))))
 
 
 @pytest.fixture(scope="session")

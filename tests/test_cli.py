@@ -1,7 +1,9 @@
-"""The console scripts, end to end: cifar-train and cifar-export through subprocesses and CliRunner."""
+"""The console scripts, end to end: cifar-train and cifar-export through subprocesses and their main(argv)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -11,18 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from cifarkit.cli.export import app as export_app
-from cifarkit.cli.train import app as train_app
+from cifarkit.cli.export import main as export_app
+from cifarkit.cli.train import main as train_app
 
 BIN = Path(sys.executable).parent
-runner = CliRunner()
 
 
-def _cli(app, args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
+def _cli(main, args):
+    """(exit status, stdout and stderr together) of a console script's main, run in this process."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue()
 
 
 def test_train_prints_blog_lines_and_the_accuracy_table(tmp_path, batches_py):

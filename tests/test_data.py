@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarkit.batches import DeviceBatches
 from cifarkit.data import load_data
 from cifarkit.errors import CifarkitError
 from cifarkit.preprocess import load_image
 from cifarkit.spec import BLOG_MEAN, BLOG_STD, CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
+from cifarkit.train.batches import DeviceBatches
 from conftest import needs_real_data, synthetic_images, write_batches_py, write_imagefolder
 
 CPU = torch.device("cpu")

@@ -1,5 +1,5 @@
 """The GPU path without a GPU: the prepared device check runs all its phases on the CPU (--quick), and the CUDA
-pieces of cifarkit.runtime and train_one_epoch (precision choice, fp16 gradient scaling, cuDNN autotuning, the
+pieces of cifarkit.train.runtime and train_one_epoch (precision choice, fp16 gradient scaling, cuDNN autotuning, the
 missing-CUDA message) are checked with the device's answers patched in."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from cifarkit import runtime
 from cifarkit.errors import CifarkitError
-from cifarkit.models import build_model
-from cifarkit.recipes import get_recipe
-from cifarkit.runtime import check_options, cudnn_autotune, grad_scaler, resolve_precision, select_device
+from cifarkit.model.nets import build_model
+from cifarkit.train import runtime
+from cifarkit.train.recipes import get_recipe
+from cifarkit.train.runtime import check_options, cudnn_autotune, grad_scaler, resolve_precision, select_device
 from conftest import synthetic_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +104,7 @@ def test_device_check_on_cuda_without_cuda_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# cifarkit.runtime's CUDA choices, with the GPU's answers patched in
+# cifarkit.train.runtime's CUDA choices, with the GPU's answers patched in
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -157,8 +157,8 @@ def test_missing_cuda_names_what_to_install(monkeypatch, cuda_build, needle):
 def test_a_scaled_epoch_trains_like_an_unscaled_one():
     """The GradScaler branch of train_one_epoch, on the CPU: a power-of-two loss scale and its exact undoing
     leave the fp32 trajectory unchanged."""
-    from cifarkit.batches import DeviceBatches
     from cifarkit.train import make_optimization, train_one_epoch
+    from cifarkit.train.batches import DeviceBatches
 
     recipe = get_recipe("blog")
     x, y = synthetic_images(96, seed=5)

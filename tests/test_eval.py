@@ -33,7 +33,6 @@ from cifarkit.evaluation import (
     calibration_counts,
     column_order,
     confusion_matrix,
-    evaluate_model,
     expected_calibration_error,
     macro_average,
     mcnemar_exact,
@@ -43,10 +42,19 @@ from cifarkit.evaluation import (
     per_class_scores,
     top_k_hits,
 )
+from cifarkit.evaluation.config import EvalConfig
+from cifarkit.evaluation.run import Evaluation
 from cifarkit.spec import CIFAR10_CLASSES, ArtifactMeta
 from conftest import REAL_DATA, needs_real_data, synthetic_images
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def evaluate_model(model, data, *, on_batch=None, model_b=None, **settings):
+    """An Evaluation of `model` (and `model_b`) on `data`, run; on_batch sees every batch."""
+    cfg = EvalConfig(model=str(model), data=str(data), model_b=str(model_b) if model_b else None, **settings)
+    return Evaluation(cfg).run(on_batch)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Metrics on a hand-made confusion: 3 classes, 10 images
@@ -338,7 +346,7 @@ def test_cli_failure_while_writing_leaves_nothing(exported, labelled, tmp_path, 
         (folder / "report.json").write_text("{")
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr("cifarkit.cli.eval.write_figures", broken)
+    monkeypatch.setattr("cifarkit.evaluation.figures.write_report_files", broken)
     with pytest.raises(SystemExit) as exit_info:
         main([str(exported.paths["onnx"]), "--data", str(labelled), "--out", str(tmp_path / "eval")])
     assert exit_info.value.code == 1 and "RuntimeError: disk on fire" in capsys.readouterr().err
@@ -348,13 +356,13 @@ def test_cli_failure_while_writing_leaves_nothing(exported, labelled, tmp_path, 
 def test_cli_interrupt_exits_130_and_removes_the_staging_folder(exported, labelled, tmp_path):
     """Ctrl-C while the files are being written (KeyboardInterrupt raised there, deterministically)."""
     code = (
-        "import sys, cifarkit.cli.eval as e\n"
+        "import sys, cifarkit.cli.eval as e, cifarkit.evaluation.figures as f\n"
         "def stop(report, folder):\n"
         "    (folder / 'report.json').write_text('{')\n"
         "    raise KeyboardInterrupt\n"
-        "e.write_figures = stop\n"
+        "f.write_report_files = stop\n"
         "from cifarkit.cli import console\n"
-        "console(lambda: e.app(sys.argv[1:]))\n"
+        "console(lambda: e.main(sys.argv[1:]))\n"
     )
     args = [str(exported.paths["onnx"]), "--data", str(labelled), "--out", str(tmp_path / "eval")]
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
@@ -366,7 +374,13 @@ def test_cli_onnx_path_never_imports_torch(exported, labelled, tmp_path):
     """The real command in a fresh interpreter, with --out (so the plotting is covered): -X importtime lists
     every module it imports."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    cmd = [sys.executable, "-X", "importtime", "-m", "cifarkit.cli.eval", str(exported.paths["onnx"])]
+    cmd = [
+        sys.executable,
+        "-X",
+        "importtime",
+        str(Path(sys.executable).parent / "cifar-eval"),
+        str(exported.paths["onnx"]),
+    ]
     cmd += ["--data", str(labelled), "--out", str(tmp_path / "eval"), "--progress", "none"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode == 1, r.stderr[-2000:]  # the broken file
@@ -462,15 +476,15 @@ def test_demo_data_probes_the_url_torchvision_downloads():
 def test_real_test_split_matches_the_training_side_decoder_and_eager_model(exported, trained_run):
     """The 10,000 real test JPEGs streamed through cifar-eval's pipeline give the predictions of the eager model
     on the training data loader's decoded arrays."""
-    from cifarkit.checkpoint import deployed_from_checkpoint, load_checkpoint
     from cifarkit.data import decode_files
+    from cifarkit.model.checkpoint import Checkpoint
 
     batches = []
     r = evaluate_model(exported.paths["onnx"], REAL_DATA, on_batch=batches.append)
     assert (r.images, r.failed, r.data.kind) == (10_000, 0, "imagefolder")
     sources = [s for b in batches for s in b.sources]
     predicted = np.concatenate([b.predicted[0] for b in batches])
-    eager, _ = deployed_from_checkpoint(load_checkpoint(trained_run.checkpoint)).run_numpy(decode_files(sources))
+    eager, _ = Checkpoint.load(trained_run.checkpoint).deployed().run_numpy(decode_files(sources))
     assert predicted.tolist() == eager.argmax(1).tolist()
     assert r.models[0].correct == sum(
         CIFAR10_CLASSES[p] == Path(s).parent.name for s, p in zip(sources, predicted.tolist(), strict=True)

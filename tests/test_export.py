@@ -12,11 +12,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cifarkit import export as export_mod
-from cifarkit.checkpoint import deployed_from_checkpoint, load_checkpoint
 from cifarkit.errors import CifarkitError
-from cifarkit.export import export, load_torchscript
-from cifarkit.models import DeployedModel
+from cifarkit.export import formats as export_formats
+from cifarkit.export import load_torchscript
+from cifarkit.export import run as export_run
+from cifarkit.model.checkpoint import Checkpoint
+from cifarkit.model.deployed import DeployedModel
 from cifarkit.spec import (
     ARTIFACT_JSON_NAME,
     BLOG_MEAN,
@@ -26,7 +27,7 @@ from cifarkit.spec import (
     OUTPUT_NAMES,
     ArtifactMeta,
 )
-from conftest import synthetic_images
+from conftest import export_checkpoint, synthetic_images
 
 BATCH_SIZES = (1, 2, 7, 64, 200)
 
@@ -45,7 +46,7 @@ def _torchscript_logits(path, images, batch_size):
 
 
 def _parity(checkpoint, paths, images, labels, batch_sizes):
-    model = deployed_from_checkpoint(load_checkpoint(checkpoint))
+    model = Checkpoint.load(checkpoint).deployed()
     ref_logits, _ = model.run_numpy(images)
     ref_acc = float(np.mean(ref_logits.argmax(1) == labels))
     for bs in batch_sizes:
@@ -69,7 +70,7 @@ def test_onnx_is_one_checked_file_with_the_contract(exported):
     assert sorted(os.listdir(path.parent)) == ["model.json", "model.onnx", "model.pt"]  # no .onnx.data
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
-    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [export_mod.DEFAULT_OPSET]
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [export_formats.DEFAULT_OPSET]
     (inp,) = proto.graph.input
     assert inp.name == INPUT_NAME
     assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
@@ -83,12 +84,13 @@ def test_metadata_round_trips_and_agrees_with_the_spec(trained_run, exported):
     props = session.get_modelmeta().custom_metadata_map
     meta = ArtifactMeta.from_props(props)
     assert meta == exported.meta
-    state = load_checkpoint(trained_run.checkpoint)
-    assert list(meta.class_names) == json.loads(props["class_names"]) == state["artifact"]["class_names"]
+    state = Checkpoint.load(trained_run.checkpoint)
+    assert list(meta.class_names) == json.loads(props["class_names"]) == list(state.class_names)
     assert meta.image_size == IMAGE_SIZE and meta.mean == BLOG_MEAN and meta.std == BLOG_STD
     # Export copies the checkpoint's contract and adds only its own provenance.
     copied = {k: v for k, v in meta.to_dict().items() if k not in ("checkpoint_sha256", "versions")}
-    assert copied == {k: v for k, v in state["artifact"].items() if k not in ("checkpoint_sha256", "versions")}
+    original = state.artifact.to_dict()
+    assert copied == {k: v for k, v in original.items() if k not in ("checkpoint_sha256", "versions")}
     assert meta.input_layout == "NHWC" and meta.input_dtype == "uint8" and meta.color_order == "RGB"
     assert meta.model_name == "blog_cnn" and meta.tta == "none"
     assert meta.test_accuracy == pytest.approx(trained_run.metrics.accuracy)
@@ -105,7 +107,7 @@ def test_uint8_contract_equals_the_blog_transforms(trained_run, exported):
     import torchvision.transforms as T
     from PIL import Image
 
-    net = deployed_from_checkpoint(load_checkpoint(trained_run.checkpoint)).net
+    net = Checkpoint.load(trained_run.checkpoint).deployed().net
     x, _ = synthetic_images(16, seed=9)
     blog = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
     with torch.no_grad():
@@ -116,12 +118,12 @@ def test_uint8_contract_equals_the_blog_transforms(trained_run, exported):
 
 
 def test_hflip_tta_is_inside_the_graph(trained_run, tmp_path):
-    state = load_checkpoint(trained_run.checkpoint)
-    net = deployed_from_checkpoint(state).net
+    state = Checkpoint.load(trained_run.checkpoint)
+    net = state.deployed().net
     model = DeployedModel(net, BLOG_MEAN, BLOG_STD, tta="hflip").eval()
     x, _ = synthetic_images(8, seed=4)
-    meta = replace(export_mod.artifact_meta(state, trained_run.checkpoint), tta="hflip")
-    payload, _ = export_mod.onnx_bytes(model, meta)
+    meta = replace(export_run.artifact_meta(state, str(trained_run.checkpoint)), tta="hflip")
+    payload, _ = export_formats.onnx_bytes(model, meta)
     session = ort.InferenceSession(payload, providers=["CPUExecutionProvider"])
     got = session.run([OUTPUT_NAMES[0]], {INPUT_NAME: x})[0]
     plain = DeployedModel(net, BLOG_MEAN, BLOG_STD).eval()
@@ -132,11 +134,11 @@ def test_hflip_tta_is_inside_the_graph(trained_run, tmp_path):
 
 
 def test_a_mismatch_writes_nothing(trained_run, tmp_path, monkeypatch):
-    real_runner = export_mod.onnx_runner
-    monkeypatch.setattr(export_mod, "onnx_runner", lambda payload: lambda b: real_runner(payload)(b) + 1e-3)
+    real_runner = export_run.onnx_runner
+    monkeypatch.setattr(export_run, "onnx_runner", lambda payload: lambda b: real_runner(payload)(b) + 1e-3)
     out = tmp_path / "out"
     with pytest.raises(CifarkitError, match=r"onnx artifact does not match.*1e-03|onnx artifact does not match"):
-        export(trained_run.checkpoint, out)
+        export_checkpoint(trained_run.checkpoint, out)
     assert not out.exists()
 
 
@@ -153,7 +155,7 @@ def test_a_mismatch_writes_nothing(trained_run, tmp_path, monkeypatch):
 def test_bad_input(trained_run, tmp_path, case, message):
     checkpoint = trained_run.checkpoint
     out = tmp_path / "out"
-    formats = ("onnx",)
+    fmt = "onnx"
     if case == "missing":
         checkpoint = tmp_path / "nope.pt"
     elif case == "corrupt":
@@ -163,12 +165,12 @@ def test_bad_input(trained_run, tmp_path, case, message):
         checkpoint = tmp_path / "foreign.pt"
         torch.save({"state_dict": {}}, checkpoint)
     elif case == "format":
-        formats = ("tflite",)
+        fmt = "tflite"
     elif case == "unwritable":
         out = tmp_path / "file"
         out.write_text("a file, not a folder")
     with pytest.raises(CifarkitError, match=message):
-        export(checkpoint, out, formats=formats)
+        export_checkpoint(checkpoint, out, format=fmt)
     if case != "unwritable":
         assert not out.exists()
 
@@ -178,7 +180,7 @@ def test_real_data_parity_over_the_full_test_set(real_run, tmp_path):
     from cifarkit.data import load_data
 
     data = load_data(os.environ["CIFARKIT_DATA"])
-    result = export(real_run.checkpoint, tmp_path, images=data.test_x)
+    result = export_checkpoint(real_run.checkpoint, tmp_path, images=data.test_x)
     acc = _parity(real_run.checkpoint, result.paths, data.test_x, data.test_y, (1000,))
     assert acc == pytest.approx(real_run.metrics.accuracy)
     assert result.meta.test_accuracy == pytest.approx(real_run.metrics.accuracy)

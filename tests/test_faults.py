@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from cifarkit.atomic import finish_pending_set
-from cifarkit.checkpoint import load_checkpoint
+from cifarkit.model.checkpoint import Checkpoint
 from conftest import synthetic_images
 
 BIN = Path(sys.executable).parent
@@ -188,7 +188,7 @@ def test_killed_training_resumes_to_the_uninterrupted_state(batches_py, straight
     if status == 0:
         how = "finished"
     elif checkpoint.exists():
-        done = load_checkpoint(checkpoint)["epoch"]
+        done = Checkpoint.load(checkpoint).epoch
         cmd = [
             BIN / "cifar-train",
             "--resume",
@@ -205,10 +205,10 @@ def test_killed_training_resumes_to_the_uninterrupted_state(batches_py, straight
     else:  # killed before the first checkpoint: nothing to resume, the folder is not a run
         subprocess.run([str(c) for c in _train_cmd(batches_py, out)], check=True, capture_output=True)
         how = "no checkpoint yet, ran again"
-    a = load_checkpoint(reference / "checkpoint.pt")
-    b = load_checkpoint(checkpoint)
-    assert b["epoch"] == 3
-    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
-    assert [r["losses"] for r in a["history"]] == [r["losses"] for r in b["history"]]
+    a = Checkpoint.load(reference / "checkpoint.pt")
+    b = Checkpoint.load(checkpoint)
+    assert b.epoch == 3
+    assert all(torch.equal(a.model_state[k], b.model_state[k]) for k in a.model_state)
+    assert [r["losses"] for r in a.history] == [r["losses"] for r in b.history]
     assert (out / "metrics.json").exists() and not temps(tmp_path)
     MATRIX.append(("cifar-train", sig, f"{moment:.2f}", f"exit {status}, {how}, same final weights"))

@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,15 +25,14 @@ import torch
 from PIL import Image
 
 from cifarkit.atomic import SET_JOURNAL, atomic_path, finish_pending_set, output_folder, write_set
-from cifarkit.checkpoint import load_checkpoint, save_checkpoint
 from cifarkit.data import load_data
 from cifarkit.errors import CifarkitError, first_line
 from cifarkit.escape import escape_name, unescape_name
-from cifarkit.export import export
 from cifarkit.infer import Classifier, Failure, Prediction
-from cifarkit.models import build_model
+from cifarkit.model.checkpoint import Checkpoint
+from cifarkit.model.nets import build_model
 from cifarkit.train import TrainConfig, train
-from conftest import synthetic_images, write_batches_py
+from conftest import export_checkpoint, synthetic_images, write_batches_py
 
 BIN = Path(sys.executable).parent
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -131,11 +131,11 @@ def test_resume_never_reads_a_data_path_from_the_checkpoint(tmp_path, trained_ru
     marker = tmp_path / "PWNED"
     with open(crafted / "test_batch", "wb") as f:
         pickle.dump(_Payload(marker), f)
-    state = load_checkpoint(trained_run.checkpoint)
+    state = torch.load(trained_run.checkpoint, weights_only=True)  # the plain data, to doctor
     state["train_config"]["data"] = str(crafted)
     state["train_config"]["epochs"] = 5
     (tmp_path / "run").mkdir()
-    save_checkpoint(tmp_path / "run" / "checkpoint.pt", state)
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
     with pytest.raises(CifarkitError, match="pass --data"):
         train(TrainConfig(resume=str(tmp_path / "run" / "checkpoint.pt"), device="cpu"))
     assert not marker.exists()
@@ -146,14 +146,24 @@ def test_resume_never_reads_a_data_path_from_the_checkpoint(tmp_path, trained_ru
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_output_that_is_not_a_regular_file_is_refused(model, pictures, tmp_path):
-    """Before: the result was renamed over a FIFO, a device node (as root), a folder's name."""
+def test_output_that_is_not_a_regular_file_is_never_replaced(model, pictures, tmp_path):
+    """Before: the result was renamed over a FIFO, a device node (as root), a folder's name. A FIFO or a device is
+    now written into as it is (never replaced); one that nobody reads, a socket or a folder is one line."""
     fifo = tmp_path / "out.fifo"
     os.mkfifo(fifo)
     proc = infer(pictures, "--model", model, "--output", fifo)
     assert proc.returncode == 2
-    assert "is a FIFO (named pipe); refusing to write over it" in one_error_line(proc)
+    assert "a FIFO that no process reads" in one_error_line(proc)
     assert fifo.exists() and not fifo.is_file()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "out.sock"))
+    try:
+        proc = infer(pictures, "--model", model, "--output", tmp_path / "out.sock")
+        assert proc.returncode == 2 and "is a socket; refusing to write over it" in one_error_line(proc)
+    finally:
+        sock.close()
+    proc = infer(pictures, "--model", model, "--output", tmp_path)
+    assert proc.returncode == 2 and "is a folder, expected a file name" in one_error_line(proc)
 
 
 def test_output_may_not_be_the_model_or_an_input(model, pictures, tmp_path):
@@ -200,7 +210,7 @@ def test_an_existing_run_folder_is_not_replaced(tmp_path, batches_py, trained_ru
         train(TrainConfig(data=str(batches_py), epochs=1, out=str(out), device="cpu"))
     assert (out / "checkpoint.pt").read_bytes() == before
     result = train(TrainConfig(data=str(batches_py), epochs=1, out=str(out), device="cpu", overwrite=True))
-    assert load_checkpoint(result.checkpoint)["epoch"] == 1
+    assert Checkpoint.load(result.checkpoint).epoch == 1
 
 
 def test_two_processes_cannot_share_a_run_folder(tmp_path, batches_py):
@@ -229,7 +239,7 @@ def test_fifos_are_never_opened(model, pictures, tmp_path):
     proc = infer(pictures, "--model", tmp_path / "model.onnx", timeout=30)
     assert proc.returncode == 2 and "is a FIFO (named pipe), expected a regular file" in one_error_line(proc)
     with pytest.raises(CifarkitError, match="is a FIFO"):
-        load_checkpoint(tmp_path / "model.onnx")
+        Checkpoint.load(tmp_path / "model.onnx")
 
 
 def test_dev_zero_is_not_an_empty_file(model):
@@ -349,12 +359,12 @@ def test_checkpoint_model_kwargs_are_bounded_before_allocation(trained_run, tmp_
         build_model("airbench", num_classes=10, widths=(64, 100_000, 100_000))
     with pytest.raises(CifarkitError, match="cannot be built"):
         build_model("blog_cnn", num_classes=10, depth=99)
-    state = load_checkpoint(trained_run.checkpoint)
+    state = torch.load(trained_run.checkpoint, weights_only=True)  # the plain data, to doctor
     state["model_kwargs"] = {"widths": [10**6, 10**6, 10**6]}
     state["artifact"]["model_name"] = "airbench"
-    save_checkpoint(tmp_path / "huge.pt", state)
+    torch.save(state, tmp_path / "huge.pt")
     with pytest.raises(CifarkitError, match="over the 200,000,000 limit"):
-        export(tmp_path / "huge.pt", tmp_path / "out")
+        export_checkpoint(tmp_path / "huge.pt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -365,21 +375,21 @@ def test_checkpoint_model_kwargs_are_bounded_before_allocation(trained_run, tmp_
 
 def test_non_finite_weights_and_zero_std_are_export_errors(trained_run, tmp_path):
     """Before: a NaN-filled checkpoint exported as 'verified, max |dlogit| 0.00e+00'."""
-    state = load_checkpoint(trained_run.checkpoint)
+    state = torch.load(trained_run.checkpoint, weights_only=True)  # the plain data, to doctor
     state["model_state"]["fc2.bias"] = torch.full_like(state["model_state"]["fc2.bias"], float("nan"))
-    save_checkpoint(tmp_path / "nan.pt", state)
+    torch.save(state, tmp_path / "nan.pt")
     with pytest.raises(CifarkitError, match=r"weights hold NaN or Inf \(in 'fc2\.bias'\)"):
-        export(tmp_path / "nan.pt", tmp_path / "out")
-    state = load_checkpoint(trained_run.checkpoint)
+        export_checkpoint(tmp_path / "nan.pt", tmp_path / "out")
+    state = torch.load(trained_run.checkpoint, weights_only=True)  # the plain data, to doctor
     state["artifact"]["std"] = [0.5, 0.0, 0.5]
-    save_checkpoint(tmp_path / "std.pt", state)
+    torch.save(state, tmp_path / "std.pt")
     with pytest.raises(CifarkitError, match="'std' must be positive"):
-        export(tmp_path / "std.pt", tmp_path / "out")
-    state = load_checkpoint(trained_run.checkpoint)
+        export_checkpoint(tmp_path / "std.pt", tmp_path / "out")
+    state = torch.load(trained_run.checkpoint, weights_only=True)  # the plain data, to doctor
     state["model_state"]["fc2.weight"] *= 1e38  # finite weights, infinite logits
-    save_checkpoint(tmp_path / "inf.pt", state)
+    torch.save(state, tmp_path / "inf.pt")
     with pytest.raises(CifarkitError, match="gives NaN or Inf logits"):
-        export(tmp_path / "inf.pt", tmp_path / "out")
+        export_checkpoint(tmp_path / "inf.pt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -508,15 +518,25 @@ def test_a_set_interrupted_before_commit_keeps_the_old_set(tmp_path, monkeypatch
     assert sorted(p.name for p in folder.iterdir()) == ["a.bin", "b.json"]  # staged files removed
 
 
-def test_a_reader_finishes_an_interrupted_export(model, tmp_path):
+def test_a_reader_reads_an_interrupted_export_where_it_lies_and_changes_nothing(model, tmp_path):
+    """Before: opening the model finished the export's renames (a reader that writes; on a read-only folder it
+    failed). Now the reader reads the committed set's staged file, and the next writer finishes the set."""
     folder = tmp_path / "m"
     shutil.copytree(model.parent, folder)
     new_onnx = with_metadata(model, tmp_path / "new.onnx", model_name="blog_cnn_v2")
     staged = folder / f".model.onnx.{999999999}-abc.tmp"  # as a killed export left it, after its commit
     shutil.copy(new_onnx, staged)
     (folder / SET_JOURNAL).write_text(json.dumps({"staged": [staged.name], "remove": []}))
-    clf = Classifier.from_file(folder / "model.onnx")
-    assert clf.meta.model_name == "blog_cnn_v2" and not (folder / SET_JOURNAL).exists()
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()}
+    folder.chmod(0o555)  # a read-only model folder is readable
+    try:
+        clf = Classifier.from_file(folder / "model.onnx")
+    finally:
+        folder.chmod(0o755)
+    assert clf.meta.model_name == "blog_cnn_v2"  # the committed set: all new
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()} == before
+    assert finish_pending_set(folder)  # the next writer finishes it
+    assert not staged.exists() and Classifier.from_file(folder / "model.onnx").meta.model_name == "blog_cnn_v2"
 
 
 def test_a_journal_cannot_reach_outside_its_folder(tmp_path):
@@ -530,9 +550,9 @@ def test_a_journal_cannot_reach_outside_its_folder(tmp_path):
 
 
 def test_export_with_fewer_formats_removes_the_stale_file(trained_run, tmp_path):
-    both = export(trained_run.checkpoint, tmp_path, formats=("onnx", "torchscript"))
+    both = export_checkpoint(trained_run.checkpoint, tmp_path, format="all")
     assert set(both.paths) == {"onnx", "torchscript", "json"}
-    onnx_only = export(trained_run.checkpoint, tmp_path, formats=("onnx",))
+    onnx_only = export_checkpoint(trained_run.checkpoint, tmp_path, format="onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.onnx"]
     assert any("removed the older model.pt" in n for n in onnx_only.notes)
 
@@ -600,9 +620,9 @@ def test_a_dynamic_class_dimension_is_checked_at_load(model):
     ],
 )
 def test_foreign_checkpoint_fields_are_one_line(trained_run, tmp_path, field, value, message):
-    state = load_checkpoint(trained_run.checkpoint)
+    state = torch.load(trained_run.checkpoint, weights_only=True)  # the plain data, to doctor
     state[field] = value
-    save_checkpoint(tmp_path / "odd.pt", state)
+    torch.save(state, tmp_path / "odd.pt")
     proc = subprocess.run(
         [BIN / "cifar-export", tmp_path / "odd.pt", "--out", tmp_path / "out"], capture_output=True, timeout=120
     )
@@ -611,20 +631,22 @@ def test_foreign_checkpoint_fields_are_one_line(trained_run, tmp_path, field, va
     assert not (tmp_path / "out").exists()
 
 
-def test_a_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, monkeypatch):
+def test_a_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, monkeypatch, trained_run):
+    ckpt = Checkpoint.load(trained_run.checkpoint)
+
     def no_space(obj, f):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", no_space)
     with pytest.raises(CifarkitError, match=r"cannot write .*checkpoint\.pt \(No space left on device\)"):
-        save_checkpoint(tmp_path / "checkpoint.pt", {"format": "x"})
+        ckpt.save(tmp_path / "checkpoint.pt")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_refused_pickle_is_one_complete_sentence(tmp_path):
     torch.save({"x": _Payload(tmp_path / "PWNED")}, tmp_path / "evil.pt", _use_new_zipfile_serialization=True)
     with pytest.raises(CifarkitError) as info:
-        load_checkpoint(tmp_path / "evil.pt")
+        Checkpoint.load(tmp_path / "evil.pt")
     assert str(info.value).endswith("holds pickled Python objects, not plain data (refusing to unpickle them)")
     assert not (tmp_path / "PWNED").exists()
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifarkit.cli.infer import app, resolve_model_path
+from cifarkit.cli.infer import main, resolve_model_path
 from cifarkit.errors import CifarkitError
 from cifarkit.infer import Classifier, Failure, Prediction, iter_image_files
 from cifarkit.preprocess import ImageError, load_image
@@ -170,11 +170,11 @@ def test_model_path_resolution(tmp_path, monkeypatch):
 
 
 def test_matches_the_eager_model(clf, trained_run):
-    from cifarkit.checkpoint import deployed_from_checkpoint, load_checkpoint
+    from cifarkit.model.checkpoint import Checkpoint
 
-    state = load_checkpoint(trained_run.checkpoint)
+    state = Checkpoint.load(trained_run.checkpoint)
     x, _ = synthetic_images(300, seed=7)
-    eager, _ = deployed_from_checkpoint(state).run_numpy(x)  # [300, 10]
+    eager, _ = state.deployed().run_numpy(x)  # [300, 10]
     logits, probs = clf.run(x)
     assert np.array_equal(logits.argmax(1), eager.argmax(1))
     assert np.abs(logits - eager).max() < 1e-4
@@ -373,8 +373,7 @@ def infer(*args: str, env: dict | None = None) -> CliResult:
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                app([str(a) for a in args])
-                code = 0
+                code = main([str(a) for a in args])
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
@@ -591,8 +590,8 @@ def test_library_never_imports_torch(model_path, images):
 def test_real_test_images(clf, trained_run):
     """300 real CIFAR-10 test JPEGs: the inference path sees exactly the pixels the training data loader sees,
     and the exported model agrees with the eager one on every image."""
-    from cifarkit.checkpoint import deployed_from_checkpoint, load_checkpoint
     from cifarkit.data import decode_files
+    from cifarkit.model.checkpoint import Checkpoint
 
     test_dir = Path(REAL_DATA) / "test"
     files = [p for d in sorted(test_dir.iterdir()) if d.is_dir() for p in sorted(d.iterdir())[:30]]
@@ -601,6 +600,6 @@ def test_real_test_images(clf, trained_run):
     assert all(isinstance(r, Prediction) for r in results)
     x = decode_files(files)  # the training-side decoder
     assert np.array_equal(x, np.stack([clf.pixels(f) for f in files]))
-    state = load_checkpoint(trained_run.checkpoint)
-    eager, _ = deployed_from_checkpoint(state).run_numpy(x)
+    state = Checkpoint.load(trained_run.checkpoint)
+    eager, _ = state.deployed().run_numpy(x)
     assert [r.index for r in results] == eager.argmax(1).tolist()

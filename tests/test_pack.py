@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from cifarkit import pack as pack_module
 from cifarkit import shards
 from cifarkit.cli import infer as infer_cli
 from cifarkit.cli import pack as pack_cli
@@ -24,7 +25,8 @@ from cifarkit.errors import CifarkitError
 from cifarkit.escape import escape_name, unescape_name
 from cifarkit.files import Failure, iter_image_files
 from cifarkit.infer import Prediction
-from cifarkit.shards import PackConfig, PredictionParts, pack
+from cifarkit.infer.sinks import PredictionParts, PredictionRows
+from cifarkit.pack import PackConfig, pack
 from conftest import synthetic_images
 
 NON_UTF8 = os.fsdecode(b"caf\xe9 \xff.jpg")  # a file name that is not UTF-8: Python carries it as surrogates
@@ -52,6 +54,10 @@ def tree(tmp_path_factory) -> Path:
     (root / "a" / "notes.txt").write_text("skipped: not an image extension")
     (root / "b" / NON_UTF8).write_bytes((root / "a" / "00.jpg").read_bytes())
     return root
+
+
+def pack_into(inputs, out, **settings):
+    return pack(PackConfig(inputs=tuple(map(str, inputs)), out=str(out), **settings))
 
 
 def walk(root: Path) -> list[str]:
@@ -84,7 +90,7 @@ def read_shards(folder: Path) -> tuple[list[str], list[bytes]]:
 
 
 def test_pack_writes_bounded_shards_in_walk_order_with_exact_names_and_bytes(tree, tmp_path):
-    summary = pack([tree], tmp_path / "shards", PackConfig(shard_rows=7, group_rows=3))
+    summary = pack_into([tree], tmp_path / "shards", shard_rows=7, group_rows=3)
     files = walk(tree)
     assert summary.files == len(files) == 23 and summary.failed == 0
     names, blobs = read_shards(tmp_path / "shards")
@@ -103,7 +109,7 @@ def test_pack_writes_bounded_shards_in_walk_order_with_exact_names_and_bytes(tre
 def test_shard_and_group_byte_limits(tree, tmp_path):
     sizes = [os.path.getsize(f) for f in walk(tree)]
     limit = 3 * max(sizes)
-    pack([tree], tmp_path / "shards", PackConfig(shard_bytes=limit, group_bytes=max(sizes)))
+    pack_into([tree], tmp_path / "shards", shard_bytes=limit, group_bytes=max(sizes))
     parts = sorted((tmp_path / "shards").glob("*.parquet"))
     assert len(parts) >= 2
     for part in parts:
@@ -115,7 +121,7 @@ def test_shard_and_group_byte_limits(tree, tmp_path):
 
 def test_pack_folder_appears_only_when_complete(tree, tmp_path, monkeypatch):
     calls = []
-    real = shards._ShardWriter._write_group
+    real = pack_module._ShardWriter._write_group
 
     def failing(self):
         calls.append(1)
@@ -123,15 +129,15 @@ def test_pack_folder_appears_only_when_complete(tree, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         real(self)
 
-    monkeypatch.setattr(shards._ShardWriter, "_write_group", failing)
+    monkeypatch.setattr(pack_module._ShardWriter, "_write_group", failing)
     with pytest.raises(CifarkitError, match=r"^--out: cannot write into .*shards \(No space left on device\)$"):
-        pack([tree], tmp_path / "shards", PackConfig(group_rows=2))
+        pack_into([tree], tmp_path / "shards", group_rows=2)
     assert sorted(os.listdir(tmp_path)) == []  # no output folder, no temporary folder left
 
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     with pytest.raises(CifarkitError, match="already exists"):
-        pack([tree], tmp_path / "taken")
+        pack_into([tree], tmp_path / "taken")
     assert os.listdir(tmp_path / "taken") == ["keep.txt"]
 
 
@@ -162,7 +168,7 @@ def test_cifar_pack_cli(tree, tmp_path):
 
 
 def test_shards_classify_exactly_like_the_folder(model_path, tree, tmp_path):
-    pack([tree], tmp_path / "shards", PackConfig(shard_rows=5, group_rows=2))
+    pack_into([tree], tmp_path / "shards", shard_rows=5, group_rows=2)
     code_a, out_a, err_a = cli(infer_cli.main, tree, "-m", model_path, "-f", "csv", "-k", "3")
     code_b, out_b, err_b = cli(infer_cli.main, tmp_path / "shards", "-m", model_path, "-f", "csv", "-k", "3")
     assert code_a == code_b == 1  # the broken and the empty image
@@ -244,15 +250,16 @@ def test_parquet_output_usage_errors(model_path, tree, tmp_path):
 
 def test_parquet_folder_appears_only_when_complete(model_path, tree, tmp_path, monkeypatch):
     seen = []
-    real = PredictionParts.prediction
+    real = PredictionParts.table
 
-    def crash_late(self, p):
-        seen.append(p)
-        if len(seen) == 10:
+    def crash_late(self, t):
+        seen.append(t)
+        if len(seen) == 2:
             raise RuntimeError("simulated crash")
-        real(self, p)
+        real(self, t)
 
-    monkeypatch.setattr(PredictionParts, "prediction", crash_late)
+    monkeypatch.setattr(PredictionParts, "table", crash_late)
+    monkeypatch.setattr("cifarkit.infer.engines.TABLE_ROWS", 8)  # tables of 8 rows: the crash comes mid-run
     code, _, err = cli(infer_cli.main, tree, "-m", model_path, "-f", "parquet", "-o", tmp_path / "preds")
     assert code == 1 and "simulated crash" in err
     assert os.listdir(tmp_path) == []
@@ -260,12 +267,14 @@ def test_parquet_folder_appears_only_when_complete(model_path, tree, tmp_path, m
 
 def test_prediction_parts_roll_over(tmp_path):
     parts = PredictionParts(tmp_path, part_rows=5, group_rows=2)
+    rows = PredictionRows(pa)
     for i in range(12):
         if i % 4 == 3:
-            parts.failure(Failure(f"f{i}", f"f{i}: broken"))
+            rows.add(Failure(f"f{i}", f"f{i}: broken"))
         else:
-            parts.prediction(Prediction(f"f{i}", "cat", 3, 0.5, (("cat", 0.5),)))
-        parts.flush()
+            rows.add(Prediction(f"f{i}", "cat", 3, 0.5, (("cat", 0.5),)))
+        if i % 3 == 2:  # tables of 3 rows, as an engine hands them in
+            parts.table(rows.table())
     parts.close()
     files = sorted(tmp_path.glob("*.parquet"))
     assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [5, 5, 2]
@@ -283,7 +292,8 @@ def test_input_plan_without_shards_does_not_import_pyarrow():
     import sys
 
     code = (
-        "import sys; from cifarkit.shards import InputPlan; InputPlan.resolve(['.']); print('pyarrow' in sys.modules)"
+        "import sys; from cifarkit.infer.inputs import InputPlan; InputPlan.resolve(['.']); "
+        "print('pyarrow' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -18,11 +18,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from cifarkit import providers
-from cifarkit.cli.infer import app
+from cifarkit.cli.infer import main
 from cifarkit.errors import CifarkitError
-from cifarkit.infer import Classifier, open_session
-from cifarkit.providers import (
+from cifarkit.infer import Classifier, open_session, providers
+from cifarkit.infer.providers import (
     CPU,
     CUDA,
     GPU_INSTALL,
@@ -246,8 +245,7 @@ def infer(*args) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
         try:
-            app([str(a) for a in args])
-            code = 0
+            code = main([str(a) for a in args])
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
     return code, out.getvalue(), err.getvalue()
@@ -302,7 +300,7 @@ def test_the_uint8_input_feeds_a_cast_and_nothing_else(exported):
 
 
 def test_providers_module_imports_neither_torch_nor_numpy():
-    code = "import json, sys, cifarkit.providers; print(json.dumps(sorted(sys.modules)))"
+    code = "import json, sys, cifarkit.infer.providers; print(json.dumps(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     loaded = set(json.loads(out.stdout))
     assert not ({"torch", "numpy", "onnxruntime"} & loaded)

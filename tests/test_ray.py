@@ -1,4 +1,4 @@
-"""The Ray engine (cifarkit.ray_engine): the same answers as the local engine, row for row, on a local Ray
+"""The Ray engine (cifarkit.infer.ray): the same answers as the local engine, row for row, on a local Ray
 (one session-scoped `ray.init(num_cpus=2)`) and on an emulated two-node cluster; nothing lost or duplicated
 when a worker process is killed mid-run; bad input is one line and exit 2."""
 
@@ -24,7 +24,8 @@ from PIL import Image
 from cifarkit.cli import infer as infer_cli
 from cifarkit.files import Failure, iter_image_files
 from cifarkit.infer import Classifier, Prediction
-from cifarkit.shards import InputPlan, PackConfig, pack
+from cifarkit.infer.inputs import InputPlan
+from cifarkit.pack import PackConfig, pack
 from conftest import REAL_DATA, needs_real_data, synthetic_images
 
 ray = pytest.importorskip("ray")
@@ -98,7 +99,7 @@ def local_results(model_path: Path, paths: list) -> list:
 
 
 def ray_engine(model_path: Path, actors: int = 2):
-    from cifarkit.ray_engine import RayEngine
+    from cifarkit.infer.ray import RayEngine
 
     return RayEngine.connect(Classifier.from_file(model_path), actors=actors)
 
@@ -109,11 +110,11 @@ def ray_engine(model_path: Path, actors: int = 2):
 
 
 def test_ray_engine_equals_the_local_engine_on_folders_and_shards(ray_local, model_path, odd, tmp_path):
-    pack([odd], tmp_path / "shards", PackConfig(group_rows=4))
+    pack(PackConfig(inputs=(str(odd),), out=str(tmp_path / "shards"), group_rows=4))
     paths = [odd, tmp_path / "shards", tmp_path / "missing.jpg"]
     want = local_results(model_path, paths)
     assert sum(isinstance(r, Failure) for r in want) == 7  # broken, empty, truncated (twice each), missing
-    got = list(ray_engine(model_path).predict_plan(InputPlan.resolve(paths), top_k=3, batch_size=5))
+    got = list(ray_engine(model_path).predict(InputPlan.resolve(paths), top_k=3, batch_size=5))
     same_results(got, want)
 
 
@@ -132,12 +133,12 @@ def test_cli_engine_ray_writes_what_the_local_engine_writes(ray_local, model_pat
 
 
 def test_dataset_api_paths_and_bytes(ray_local, model_path, odd, tmp_path):
-    from cifarkit.ray_engine import classify_dataset
+    from cifarkit.infer.ray import classify_dataset
 
     files = [p for p in iter_image_files([odd]) if isinstance(p, str) and "na" not in os.path.basename(p)]
     want = {r.source: r for r in local_results(model_path, files)}
     by_path = classify_dataset(ray.data.from_items([{"path": f} for f in files]), model_path, top_k=3, actors=1)
-    pack(files, tmp_path / "shards")
+    pack(PackConfig(inputs=tuple(map(str, files)), out=str(tmp_path / "shards")))
     by_bytes = classify_dataset(ray.data.read_parquet(str(tmp_path / "shards")), model_path.read_bytes(), top_k=3)
     for ds in (by_path, by_bytes):
         rows = ds.take_all()
@@ -157,7 +158,7 @@ def test_real_test_set(ray_local, model_path):
     test = Path(REAL_DATA, "test")
     want = local_results(model_path, [test])
     assert len(want) == 10_000 and all(isinstance(r, Prediction) for r in want)
-    same_results(list(ray_engine(model_path).predict_plan(InputPlan.resolve([test]), top_k=3, batch_size=128)), want)
+    same_results(list(ray_engine(model_path).predict(InputPlan.resolve([test]), top_k=3, batch_size=128)), want)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def test_real_test_set(ray_local, model_path):
 
 
 def test_a_killed_worker_process_loses_and_duplicates_nothing(ray_local, model_path, odd, tmp_path, monkeypatch):
-    from cifarkit import ray_engine as re_
+    from cifarkit.infer import ray as re_
 
     marker = str(tmp_path / "killed-once")
 
@@ -185,7 +186,7 @@ def test_a_killed_worker_process_loses_and_duplicates_nothing(ray_local, model_p
 
     monkeypatch.setattr(re_, "UNIT_IMAGES", 2)  # 10 units, so that the kill lands mid-run
     want = local_results(model_path, [odd])
-    got = list(ray_engine(model_path).predict_plan(InputPlan.resolve([odd]), top_k=3, batch_size=4, predictor=KillOnce))
+    got = list(ray_engine(model_path).predict(InputPlan.resolve([odd]), top_k=3, batch_size=4, predictor=KillOnce))
     assert os.path.exists(marker)  # the worker did die
     same_results(got, want)  # every input once, in order
 

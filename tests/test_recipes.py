@@ -7,15 +7,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cifarkit.batches import DeviceBatches
-from cifarkit.checkpoint import deployed_from_checkpoint, load_checkpoint
 from cifarkit.errors import CifarkitError
-from cifarkit.export import export
-from cifarkit.models import AirbenchNet, BlogCNN, count_parameters, init_whitening
-from cifarkit.recipes import RECIPES, get_recipe
+from cifarkit.model.checkpoint import Checkpoint
+from cifarkit.model.nets import AirbenchNet, BlogCNN, count_parameters, init_whitening
 from cifarkit.spec import BLOG_MEAN, BLOG_STD, CIFAR10_MEAN, CIFAR10_STD
 from cifarkit.train import Lookahead, TrainConfig, evaluate, make_optimization, train, triangle_schedule
-from conftest import synthetic_images
+from cifarkit.train.batches import DeviceBatches
+from cifarkit.train.recipes import RECIPES, get_recipe
+from conftest import export_checkpoint, synthetic_images
 
 CPU = torch.device("cpu")
 
@@ -92,20 +91,20 @@ def test_short_airbench_run_exports_with_tta_inside(tmp_path, batches_py):
         )
     )
     assert result.metrics.accuracy > 0.5  # chance is 0.1
-    state = load_checkpoint(result.checkpoint)
-    artifact = state["artifact"]
-    assert artifact["tta"] == "hflip_translate" and artifact["model_name"] == "airbench"
-    assert artifact["mean"] == list(CIFAR10_MEAN) and artifact["std"] == list(CIFAR10_STD)
-    assert [len(r["losses"]) for r in state["history"]] == [7, 4]  # ceil(7 steps an epoch * 1.5); last batch dropped
+    state = Checkpoint.load(result.checkpoint)
+    artifact = state.artifact
+    assert artifact.tta == "hflip_translate" and artifact.model_name == "airbench"
+    assert artifact.mean == CIFAR10_MEAN and artifact.std == CIFAR10_STD
+    assert [len(r["losses"]) for r in state.history] == [7, 4]  # ceil(7 steps an epoch * 1.5); last batch dropped
 
     # The public API, no normalization passed: the checkpoint's own gives the accuracy it recorded.
     x, y = synthetic_images(1200)
-    deployed = deployed_from_checkpoint(state)
-    metrics = evaluate(deployed, x[1000:], y[1000:], tuple(artifact["class_names"]), device=CPU)
-    assert metrics.accuracy == state["metrics"]["accuracy"] == result.metrics.accuracy
-    assert metrics.accuracy == pytest.approx(artifact["test_accuracy"], abs=1e-6)
+    deployed = state.deployed()
+    metrics = evaluate(deployed, x[1000:], y[1000:], artifact.class_names, device=CPU)
+    assert metrics.accuracy == state.metrics["accuracy"] == result.metrics.accuracy
+    assert metrics.accuracy == pytest.approx(artifact.test_accuracy, abs=1e-6)
 
-    exported = export(result.checkpoint, tmp_path / "art", formats=("onnx",), verify_count=16)
+    exported = export_checkpoint(result.checkpoint, tmp_path / "art", format="onnx", verify_count=16)
     assert exported.meta.tta == "hflip_translate"
     session = ort.InferenceSession(str(exported.paths["onnx"]), providers=["CPUExecutionProvider"])
     got = session.run(["logits"], {"images": x[1000:]})[0]

@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from cifarkit.batches import DeviceBatches
-from cifarkit.checkpoint import deployed_from_checkpoint, load_checkpoint, model_from_checkpoint
 from cifarkit.errors import CifarkitError
-from cifarkit.models import BlogCNN, DeployedModel, build_model, count_parameters
-from cifarkit.recipes import RECIPES
-from cifarkit.runtime import select_device
+from cifarkit.model.checkpoint import Checkpoint
+from cifarkit.model.deployed import DeployedModel
+from cifarkit.model.nets import BlogCNN, build_model, count_parameters
 from cifarkit.spec import BLOG_MEAN, BLOG_STD
-from cifarkit.train import Reporter, TrainConfig, evaluate, make_optimization, train, train_one_epoch
+from cifarkit.stage import Silent
+from cifarkit.train import TrainConfig, evaluate, make_optimization, train, train_one_epoch
+from cifarkit.train.batches import DeviceBatches
+from cifarkit.train.recipes import RECIPES
+from cifarkit.train.runtime import select_device
 from conftest import synthetic_images
 
 CPU = torch.device("cpu")
@@ -78,10 +80,10 @@ def test_checkpoint_is_plain_data_and_rebuilds_the_model(trained_run, batches_py
         assert key in raw
     assert raw["epoch"] == 2 and [r["epoch"] for r in raw["history"]] == [1, 2]
     assert raw["artifact"]["mean"] == list(BLOG_MEAN) and raw["artifact"]["model_name"] == "blog_cnn"
-    state = load_checkpoint(trained_run.checkpoint)
-    model = deployed_from_checkpoint(state)  # the normalization comes from the checkpoint
+    state = Checkpoint.load(trained_run.checkpoint)
+    model = state.deployed()  # the normalization comes from the checkpoint
     x, y = synthetic_images(1200)  # the same generator and seed as the fixture's data set
-    metrics = evaluate(model, x[1000:], y[1000:], tuple(state["artifact"]["class_names"]), device=CPU)
+    metrics = evaluate(model, x[1000:], y[1000:], state.class_names, device=CPU)
     assert metrics.accuracy == pytest.approx(trained_run.metrics.accuracy)
     assert raw["artifact"]["test_accuracy"] == pytest.approx(metrics.accuracy)
 
@@ -97,21 +99,21 @@ def test_same_seed_same_run_on_cpu(tmp_path, batches_py):
     runs = [
         train(TrainConfig(data=str(batches_py), epochs=1, out=str(tmp_path / f"r{i}"), device="cpu")) for i in range(2)
     ]
-    a, b = (load_checkpoint(r.checkpoint)["model_state"] for r in runs)
+    a, b = (Checkpoint.load(r.checkpoint).model_state for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     other = train(TrainConfig(data=str(batches_py), epochs=1, seed=1, out=str(tmp_path / "r2"), device="cpu"))
-    c = load_checkpoint(other.checkpoint)["model_state"]
+    c = Checkpoint.load(other.checkpoint).model_state
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-class _KillAfter(Reporter):
+class _KillAfter(Silent):
     """Simulates a run killed after `epochs` complete epochs."""
 
     def __init__(self, epochs: int) -> None:
         self.epochs = epochs
 
-    def epoch_start(self, epoch, epochs, steps):
-        if epoch == self.epochs:
+    def phase(self, name, total=None):
+        if name.startswith(f"epoch {self.epochs + 1}/"):
             raise KeyboardInterrupt
 
 
@@ -120,16 +122,16 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path, batches_py):
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(data=str(batches_py), epochs=3, out=str(tmp_path / "killed"), device="cpu"), _KillAfter(2))
     killed = tmp_path / "killed" / "checkpoint.pt"
-    assert load_checkpoint(killed)["epoch"] == 2
+    assert Checkpoint.load(killed).epoch == 2
     with pytest.raises(CifarkitError, match="pass --data"):  # a data path is never read from a checkpoint
         train(TrainConfig(resume=str(killed), device="cpu"))
     # No --epochs: the interrupted run continues to its own target (3), not to the recipe's default (4).
     resumed = train(TrainConfig(resume=str(killed), data=str(batches_py), device="cpu"))
     assert resumed.out_dir == tmp_path / "killed" and resumed.epochs_run == 1
-    a = load_checkpoint(straight.checkpoint)
-    b = load_checkpoint(resumed.checkpoint)
-    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
-    assert [r["losses"] for r in b["history"]] == [r["losses"] for r in a["history"]]
+    a = Checkpoint.load(straight.checkpoint)
+    b = Checkpoint.load(resumed.checkpoint)
+    assert all(torch.equal(a.model_state[k], b.model_state[k]) for k in a.model_state)
+    assert [r["losses"] for r in b.history] == [r["losses"] for r in a.history]
     assert resumed.metrics.accuracy == straight.metrics.accuracy
     with pytest.raises(CifarkitError, match="already holds 3 epochs"):
         train(TrainConfig(resume=str(resumed.checkpoint), data=str(batches_py), device="cpu"))
@@ -173,20 +175,20 @@ def test_cuda_without_cuda():
 def test_corrupt_and_foreign_checkpoints(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(CifarkitError, match="garbage.pt cannot be read"):
-        load_checkpoint(tmp_path / "garbage.pt")
+        Checkpoint.load(tmp_path / "garbage.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     with pytest.raises(CifarkitError, match="not a cifarkit checkpoint"):
-        load_checkpoint(tmp_path / "foreign.pt")
+        Checkpoint.load(tmp_path / "foreign.pt")
     with pytest.raises(CifarkitError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pt")
+        Checkpoint.load(tmp_path / "missing.pt")
 
 
 def test_run_numpy_matches_evaluate(trained_run):
-    state = load_checkpoint(trained_run.checkpoint)
+    state = Checkpoint.load(trained_run.checkpoint)
     x, y = synthetic_images(1200)
-    logits, _ = deployed_from_checkpoint(state).run_numpy(x[1000:], batch_size=64)
+    logits, _ = state.deployed().run_numpy(x[1000:], batch_size=64)
     assert float(np.mean(logits.argmax(1) == y[1000:])) == pytest.approx(trained_run.metrics.accuracy)
-    assert isinstance(model_from_checkpoint(state), BlogCNN)
+    assert isinstance(state.model(), BlogCNN)
 
 
 def test_one_real_epoch_is_far_above_chance(real_run):

@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -60,6 +59,8 @@ def atomic_path(path: str | os.PathLike[str], option: str = "output") -> Iterato
     """Yield a temporary path beside `path`'s target; on success it is renamed over the target (mode
     0666 & ~umask). An OSError while writing (a full disk, a vanished folder) is a CifarkitError naming the
     file; the temporary file is removed on every way out but kill -9 (and then by the next writer)."""
+    import tempfile  # here, not at the top: readers of this module (committed_member) never pay for it
+
     target = write_target(path, option)
     remove_stale_temps(target)
     try:
@@ -174,6 +175,8 @@ def staged_folder(
     If `path` exists: with `replace` (the names the body writes), each of those files is moved into it by an
     atomic rename, in order, and nothing else there is touched; without `replace`, a CifarkitError naming
     `option` (a dataset folder is never written into)."""
+    import tempfile
+
     target = Path(path)
     if os.path.lexists(target) and (replace is None or not target.is_dir()):
         what = (
@@ -268,9 +271,11 @@ def write_set(
     and flushed to disk; then a journal naming the staged files is written atomically (the commit point);
     then each is renamed into place and the journal removed. A crash before the journal leaves the old set
     (and temporary files the next write removes); a crash after it is finished by `finish_pending_set`,
-    which every writer and reader of the folder calls first. So a reader sees all new or all old.
+    which every writer of the folder calls first, and read where it lies by readers (committed_member). So a
+    reader sees all new or all old, and reading changes nothing.
     The files of a set are regular files: a symlink or anything else at a name is refused."""
     import json
+    import tempfile
 
     folder = Path(folder)
     finish_pending_set(folder)
@@ -306,13 +311,49 @@ def write_set(
 
 def finish_pending_set(folder: str | os.PathLike[str]) -> bool:
     """Complete a set whose writer died after committing it (see write_set): rename what is still staged,
-    then drop the journal. Returns True if there was one. Each staged name carries its target's name
-    (".model.onnx.<pid>-<random>.tmp" -> "model.onnx"), so a journal can only finish files of this folder.
-    A CifarkitError if it cannot be completed (a read-only folder, a damaged journal): the folder's files
-    would be a mix of two sets."""
+    then drop the journal. Returns True if there was one. Only writers call this: a reader reads a committed
+    set where it lies (committed_member). A CifarkitError if it cannot be completed (a read-only folder, a
+    damaged journal): the folder's files would be a mix of two sets."""
+    folder = Path(folder)
+    record = _pending_set(folder)
+    if record is None:
+        return False
+    staged, gone = record
+    try:
+        for tmp, name in staged:
+            if (folder / tmp).exists():
+                os.replace(folder / tmp, folder / name)
+        for name in gone:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(folder / name)
+        (folder / SET_JOURNAL).unlink()
+    except OSError as exc:
+        raise CifarkitError(
+            f"an export into {folder} was interrupted and cannot be finished here ({exc.strerror or exc}); "
+            "run cifar-export again"
+        ) from None
+    return True
+
+
+def committed_member(path: str | os.PathLike[str]) -> Path:
+    """The file a reader opens for `path`, a member of a set (model.onnx): the staged file of a set that was
+    committed but not yet renamed into place (its writer died), else `path` itself. Changes no file: the
+    next writer finishes the set (finish_pending_set). A CifarkitError for a damaged journal."""
+    path = Path(path)
+    record = _pending_set(path.parent)
+    if record is not None:
+        for tmp, name in record[0]:
+            if name == path.name and (path.parent / tmp).exists():
+                return path.parent / tmp
+    return path
+
+
+def _pending_set(folder: Path) -> tuple[list[tuple[str, str]], list[str]] | None:
+    """A committed set's journal: ([(staged file, final name)], [names to remove]), or None if there is none.
+    Each staged name carries its target's name (".model.onnx.<pid>-<random>.tmp" -> "model.onnx"), so a
+    journal can only name files of its own folder."""
     import json
 
-    folder = Path(folder)
     journal = folder / SET_JOURNAL
     try:
         record = json.loads(journal.read_bytes())
@@ -322,20 +363,7 @@ def finish_pending_set(folder: str | os.PathLike[str]) -> bool:
         if not plain or not all(m is not None and "/" not in m.string for m in matches):
             raise ValueError("bad entry")
     except FileNotFoundError:
-        return False
+        return None
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise CifarkitError(f"{journal} is damaged; remove it and export again") from None
-    try:
-        for m in matches:
-            if (folder / m.string).exists():
-                os.replace(folder / m.string, folder / m["name"])
-        for name in gone:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(folder / name)
-        journal.unlink()
-    except OSError as exc:
-        raise CifarkitError(
-            f"an export into {folder} was interrupted and cannot be finished here ({exc.strerror or exc}); "
-            "run cifar-export again"
-        ) from None
-    return True
+    return [(m.string, m["name"]) for m in matches], gone

@@ -1,5 +1,5 @@
 """CIFAR-10 sources -> uint8 arrays, decoded once and cached. numpy and Pillow only: torch is imported
-only to download through torchvision (cifarkit.batches serves the arrays to the training device).
+only to download through torchvision (cifarkit.train.batches serves the arrays to the training device).
 
 Four sources, chosen by `load_data(source)`:
   "torchvision"        torchvision's CIFAR-10, downloaded on first use into `data_dir`

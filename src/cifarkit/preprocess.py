@@ -27,11 +27,11 @@ import errno
 import io
 import os
 import struct
+import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from cifarkit.errors import first_line
 from cifarkit.files import Blob, NotRegularFile, open_regular, read_regular
@@ -42,30 +42,30 @@ try:  # libjpeg-turbo with the GIL released: the JPEG fast path (see "Bytes -> p
 except ImportError:  # an optimization only: without it every image goes through Pillow
     _simplejpeg = None
 
-# Pillow's own bomb limit (about 89 megapixels, ~360 MB decoded as RGBA); a larger image is refused before it
-# is decoded. Read at call time, so a caller (or a test) can lower it.
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+if TYPE_CHECKING:
+    from PIL import Image
+
+# Pillow is imported when an image needs it (anything but a JPEG the fast path decodes at the model's size): a
+# one-image cifar-infer of a CIFAR JPEG never loads it (~8 ms of a ~0.17 s start).
+
+# Pillow's own bomb limit (its MAX_IMAGE_PIXELS: about 89 megapixels, ~360 MB decoded as RGBA); a larger image is
+# refused before it is decoded. Read at call time, so a caller (or a test) can lower it.
+MAX_PIXELS = 89_478_485
 BIG_IMAGE_PIXELS = 16_000_000  # images decoded at more than this many pixels take _BIG_DECODE, one at a time
 _BIG_DECODE = threading.Lock()
 
-_FILTERS = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "nearest": Image.Resampling.NEAREST,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-}
+_FILTERS = ("bilinear", "bicubic", "nearest", "lanczos", "box")  # Pillow's Image.Resampling, by name
 
-# EXIF orientation (tag 0x0112) -> the transpose that makes the image upright.
+# EXIF orientation (tag 0x0112) -> the transpose that makes the image upright (Pillow's Image.Transpose, by name).
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
+    2: "FLIP_LEFT_RIGHT",
+    3: "ROTATE_180",
+    4: "FLIP_TOP_BOTTOM",
+    5: "TRANSPOSE",
+    6: "ROTATE_270",
+    7: "TRANSVERSE",
+    8: "ROTATE_90",
 }
 _SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
@@ -73,6 +73,19 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 class ImageError(ValueError):
     """An image that cannot be read or decoded; the message names the file and the reason."""
+
+
+def _pil() -> Any:
+    """PIL.Image, imported on first use."""
+    from PIL import Image
+
+    return Image
+
+
+def is_pil_image(item: object) -> bool:
+    """Whether `item` is a PIL image, without importing Pillow: if it is not imported, nothing is one."""
+    module = sys.modules.get("PIL.Image")
+    return module is not None and isinstance(item, module.Image)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,7 +101,7 @@ def upright(im: Image.Image) -> Image.Image:
     except Exception:  # a damaged EXIF block must not cost the image: treat it as upright
         return im
     method = _TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
-    return im.transpose(method) if method is not None else im
+    return im.transpose(getattr(_pil().Transpose, method)) if method is not None else im
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -99,12 +112,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
         # 16-bit (or 32-bit integer) grayscale: keep the top 8 bits of a 16-bit range.
         arr = np.asarray(im, dtype=np.int64)
         arr = np.clip(arr >> 8, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        return _pil().fromarray(arr, "L").convert("RGB")
     if im.mode == "F":
         arr = np.asarray(im, dtype=np.float64)
         if arr.size and np.nanmax(arr) <= 1.0:  # a float image in [0, 1]
             arr = arr * 255.0
-        return Image.fromarray(np.clip(np.nan_to_num(arr), 0, 255).round().astype(np.uint8), "L").convert("RGB")
+        return _pil().fromarray(np.clip(np.nan_to_num(arr), 0, 255).round().astype(np.uint8), "L").convert("RGB")
     if im.mode == "LAB":
         # Pillow's convert() would reinterpret L*a*b* as RGB; LittleCMS does the real conversion.
         from PIL import ImageCms
@@ -116,8 +129,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
         if im.mode == "La":  # premultiplied: Pillow converts La only to LA
             im = im.convert("LA")
         rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        white = _pil().new("RGBA", rgba.size, (255, 255, 255, 255))
+        return _pil().alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")
 
 
@@ -150,7 +163,7 @@ def preprocess(
     th, tw = size
     if im.size != (tw, th):
         box = crop_box(im.width, im.height, size, mode)
-        im = im.resize((tw, th), _FILTERS[resample], box=box)
+        im = im.resize((tw, th), getattr(_pil().Resampling, resample.upper()), box=box)
     return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))  # [H, W, 3]
 
 
@@ -169,7 +182,7 @@ def load_image(
         if data is None:
             with open_regular(name) as f:
                 return _pillow_pixels(f, name, size, mode, resample)
-    except _DECODE_ERRORS as exc:
+    except _decode_errors() as exc:
         raise _image_error(name, exc) from None
     return decode_image(data, name, size, mode, resample)
 
@@ -189,12 +202,12 @@ def decode_image(
     try:
         pixels = _fast_jpeg(data, size, mode, resample)
         return pixels if pixels is not None else _pillow_pixels(io.BytesIO(data), name, size, mode, resample)
-    except _DECODE_ERRORS as exc:
+    except _decode_errors() as exc:
         raise _image_error(name, exc, len(data)) from None
 
 
 def _pillow_pixels(fp: Any, name: str, size: tuple[int, int], mode: str, resample: str) -> np.ndarray:
-    with Image.open(fp) as im:
+    with _pil().open(fp) as im:
         w, h = im.size
         if w * h > MAX_PIXELS:
             raise ImageError(
@@ -213,7 +226,9 @@ def _pillow_pixels(fp: Any, name: str, size: tuple[int, int], mode: str, resampl
             return preprocess(im, size, mode, resample)
 
 
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, MemoryError, Image.DecompressionBombError)
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What opening, reading or decoding an image raises (evaluated only when something was raised)."""
+    return (OSError, SyntaxError, ValueError, EOFError, MemoryError, _pil().DecompressionBombError)
 
 
 def _image_error(name: str, exc: BaseException, nbytes: int | None = None) -> ImageError:
@@ -222,7 +237,8 @@ def _image_error(name: str, exc: BaseException, nbytes: int | None = None) -> Im
         return exc
     if isinstance(exc, NotRegularFile):
         return ImageError(f"{name}: {exc.strerror}")
-    if isinstance(exc, Image.DecompressionBombError):
+    image = _pil()
+    if isinstance(exc, image.DecompressionBombError):
         return ImageError(f"{name}: refused, possible decompression bomb ({first_line(exc, 160)})")
     if isinstance(exc, FileNotFoundError):
         return ImageError(f"{name}: {'broken symlink' if os.path.islink(name) else 'no such file'}")
@@ -230,7 +246,7 @@ def _image_error(name: str, exc: BaseException, nbytes: int | None = None) -> Im
         return ImageError(f"{name}: is a directory, expected an image file")
     if isinstance(exc, PermissionError):
         return ImageError(f"{name}: permission denied")
-    if isinstance(exc, Image.UnidentifiedImageError):
+    if isinstance(exc, image.UnidentifiedImageError):
         return ImageError(f"{name}: {_unidentified_reason(name, nbytes)}")
     if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
         return ImageError(f"{name}: symlink loop")
@@ -265,7 +281,7 @@ def to_pixels(item: Any, size: tuple[int, int], mode: str, resample: str, source
         return decode_image(bytes(item), src, size, mode, resample)
     if isinstance(item, np.ndarray):
         return _array_pixels(item, size, mode, resample, src)
-    if isinstance(item, Image.Image):
+    if is_pil_image(item):
         try:
             return preprocess(item, size, mode, resample)
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -283,7 +299,7 @@ def _array_pixels(a: np.ndarray, size: tuple[int, int], mode: str, resample: str
         a = a[:, :, 0]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))) or 0 in a.shape:
         raise ImageError(f"{src}: array shape {list(a.shape)}, expected [H, W], [H, W, 3] or [H, W, 4]")
-    return preprocess(Image.fromarray(np.ascontiguousarray(a)), size, mode, resample)
+    return preprocess(_pil().fromarray(np.ascontiguousarray(a)), size, mode, resample)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -351,7 +367,7 @@ def _fast_jpeg(data: bytes, size: tuple[int, int], mode: str, resample: str) -> 
             arr = np.ascontiguousarray(transpose(arr))
         if arr.shape[:2] == (th, tw):
             return arr
-        return preprocess(Image.fromarray(arr), size, mode, resample)
+        return preprocess(_pil().fromarray(arr), size, mode, resample)
 
 
 def _jpeg_header(data: bytes) -> tuple[int, int, int] | None:

@@ -1,6 +1,7 @@
-"""Command-line front ends, one module per console script (train, export, infer). Each parses options,
-builds a config, calls one library function and prints. This module holds what they share and imports
-nothing heavy: `cifar-infer` must start fast and never import torch.
+"""Command-line front ends, one module per console script (train, export, infer, pack, eval). Each module builds
+its command from its stage's config (cifarkit.cli.shell), calls the stage and prints; every `main(argv)`
+returns the exit status. This module holds the exit rules they share and imports nothing heavy: `cifar-infer`
+must start fast and never import torch.
 """
 
 from __future__ import annotations
@@ -9,14 +10,13 @@ import contextlib
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
 T = TypeVar("T")
 
 EXIT_OK = 0
-EXIT_FAILED = 1  # a run that could not finish (or, for cifar-infer, some inputs failed)
+EXIT_FAILED = 1  # a run that could not finish (or, for cifar-infer, cifar-pack and cifar-eval, some inputs failed)
 EXIT_USAGE = 2  # bad input: options, files, checkpoints; nothing was written
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): 128 + 2
 EXIT_TERMINATED = 143  # SIGTERM: 128 + 15
@@ -32,27 +32,58 @@ def say_error(message: str) -> None:
     file name reaches the terminal and a newline in one cannot split the line."""
     from cifarkit.escape import escape_name
 
-    print(f"error: {escape_name(message)}", file=sys.stderr, flush=True)
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):  # a closed or full stderr: the exit status still tells
+            print(f"error: {escape_name(message)}", file=sys.stderr, flush=True)
 
 
 def guarded(fn: Callable[[], T], *, debug: bool) -> T:
-    """Run `fn`; a CifarkitError becomes one line on stderr and exit 2, Ctrl-C exit 130, and any other
-    exception a short message and exit 1 (the full traceback with --debug)."""
+    """Run `fn`; a CifarkitError becomes one line on stderr and exit 2, Ctrl-C exit 130, a full or closed
+    standard output one line and exit 2, and any other exception a short message and exit 1 (the full
+    traceback with --debug)."""
     from cifarkit.errors import CifarkitError, first_line
 
     try:
         return fn()
     except CifarkitError as exc:
         if debug:
-            traceback.print_exc()
+            _traceback()
         fail(str(exc), EXIT_USAGE)
     except KeyboardInterrupt as exc:
         interrupted(exc)
     except Exception as exc:  # a bug or an environment problem: say what, point at --debug
         if debug:
-            traceback.print_exc()
+            _traceback()
             raise SystemExit(EXIT_FAILED) from None
         fail(f"{type(exc).__name__}: {first_line(exc)} (run again with --debug for the traceback)", EXIT_FAILED)
+
+
+def quiet_broken_pipe(fn: Callable[[], T]) -> T:
+    """fn(); if the reader of standard output has gone (`cifar-infer photos/ | head`), stop quietly with exit 1:
+    stdout is pointed at /dev/null so that the interpreter's final flush does not raise again."""
+    try:
+        return fn()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(EXIT_FAILED) from None
+
+
+def write_out(text: str, stream: object = None) -> None:
+    """A line on standard output (or `stream`). If the reader has gone (`cifar-eval ... | head`), the rest of the
+    output goes to /dev/null and the run goes on, so that its files are still written."""
+    out = stream if stream is not None else sys.stdout
+    try:
+        print(text, file=out, flush=True)  # type: ignore[arg-type]
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())  # type: ignore[union-attr]
+
+
+def _traceback() -> None:
+    import traceback
+
+    traceback.print_exc()
 
 
 def interrupted(exc: KeyboardInterrupt) -> NoReturn:
@@ -82,24 +113,25 @@ def handle_signals() -> None:
         signal.signal(signal.SIGTERM, on_term)
 
 
-def console(main: Callable[[], object]) -> None:
+def console(main: Callable[[], int]) -> NoReturn:
     """Run a console script's main with the signal rules: SIGINT and SIGTERM end it within a moment, with
     one line and exit 130 / 143, wherever they arrive (importing torch, parsing options, running)."""
     handle_signals()
     try:
-        main()
+        code = main()
     except KeyboardInterrupt as exc:
         interrupted(exc)
+    raise SystemExit(code)
 
 
-def _script(module: str, entry: str = "app") -> Callable[[], None]:
+def _script(module: str) -> Callable[[], None]:
     """A console script's entry point: the signal rules first, then import the command (which may import torch
-    for seconds) and run it, so that Ctrl-C or SIGTERM during the imports ends cleanly too."""
+    for seconds) and run its main(), so that Ctrl-C or SIGTERM during the imports ends cleanly too."""
 
     def main() -> None:
         import importlib
 
-        console(lambda: getattr(importlib.import_module(f"cifarkit.cli.{module}"), entry)())
+        console(lambda: importlib.import_module(f"cifarkit.cli.{module}").main())
 
     main.__name__ = main.__qualname__ = f"cifar_{module}"
     return main
@@ -111,14 +143,3 @@ cifar_export = _script("export")
 cifar_infer = _script("infer")
 cifar_eval = _script("eval")
 cifar_pack = _script("pack")
-
-
-def make_app(help_text: str):
-    import typer
-
-    return typer.Typer(
-        add_completion=False,
-        pretty_exceptions_enable=False,
-        help=help_text,
-        context_settings={"help_option_names": ["-h", "--help"]},
-    )

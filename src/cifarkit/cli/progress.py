@@ -1,92 +1,151 @@
-"""The progress bar that cifar-infer and cifar-eval draw on stderr, and the lines printed past it.
+"""The two Reporters the command line uses (cifarkit.stage.Reporter): plain lines, or a progress bar on stderr.
 
-rich is imported only when a bar starts: short runs (and --progress none) never pay for it.
+    reporter = make_reporter("auto", info=sys.stdout)       # what cifar-train does
+    train(cfg, reporter); reporter.close()
+
+Notes of kind "error" and "warning" always reach stderr, one line each, as "error: ..." / "warning: ..." with names
+escaped (cifarkit.escape: no control character from a file name reaches the terminal); an input that failed is
+part of the commands' contract. "info" and "log" lines go to `info` (stdout for cifar-train, stderr where stdout
+carries results). rich is imported only when a bar starts: short runs, logs and --progress none never pay for it.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import IO, Any
 
-PROGRESS = ("auto", "bar", "none")
+from cifarkit.cli import write_out
+
 BAR_AFTER_S = 1.0  # --progress auto shows a bar only once a run has lasted this long: short runs stay quiet
-REDRAW_S = 0.1  # ~10 redraws a second: rich's update costs ~20 us, a row ~2 us
+REDRAW_S = 0.1  # ~10 redraws a second: rich's update costs ~20 us
 
 
-class Bar:
-    """Images done (of `total` when it is known: a bar, the time left; else a spinner and the time so far),
-    failures and images/s, on stderr. `mode`: "bar" always, "none" never, "auto" when stderr is a terminal,
-    the run has lasted BAR_AFTER_S, and stdout is not the same terminal (then the rows are their own
-    progress, and a bar would fight them; `redirect` keeps rows printed while a bar shows above it)."""
+class Lines:
+    """Plain lines: info and log notes to `info` (none of them when `quiet`), warnings and errors to stderr."""
 
-    def __init__(self, mode: str, verb: str, *, total: int | None = None, stdout_is_terminal: bool = False) -> None:
-        self.enabled = mode == "bar" or (mode == "auto" and sys.stderr.isatty() and not stdout_is_terminal)
-        self.wait = 0.0 if mode == "bar" else BAR_AFTER_S
-        self.verb, self.total, self.redirect = verb, total, stdout_is_terminal
+    def __init__(self, info: IO[str] | None = None, *, quiet: bool = False) -> None:
+        self._info, self.quiet = info, quiet
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        pass
+
+    def progress(self, done: int, *, failed: int = 0, **figures: float) -> None:
+        pass
+
+    def note(self, text: str, kind: str = "info") -> None:
+        if kind in ("error", "warning"):
+            print(_line(text, kind), file=sys.stderr, flush=True)
+        elif not self.quiet:
+            write_out(text, self._info)
+
+    def close(self) -> None:
+        pass
+
+
+class Bar(Lines):
+    """A rich progress bar on stderr: the phase's count (of its total when known: then the time left too),
+    failures and the running figures. `wait`: seconds before it first draws. `redirect_stdout`: rows printed
+    to stdout while the bar shows go above it (stdout and stderr are the same terminal). Log notes are left
+    out (the bar shows the same figures); other notes print above the bar."""
+
+    def __init__(self, info: IO[str] | None = None, *, wait: float = 0.0, redirect_stdout: bool = False) -> None:
+        super().__init__(info)
+        self.wait, self.redirect = wait, redirect_stdout
         self.t0 = time.perf_counter()
         self.last = 0.0
-        self.progress: Any = None
+        self.name, self.total = "", None
+        self.progress_: Any = None
         self.task: Any = None
+        self.shown = False  # a bar has been drawn (then a summary line is worth printing at the end)
 
-    def update(self, done: int, failed: int) -> None:
-        """The counts so far (not increments)."""
-        if not self.enabled:
-            return
+    def phase(self, name: str, total: int | None = None) -> None:
+        self.name, self.total = name, total
+        if self.progress_ is not None:
+            self.progress_.remove_task(self.task)
+            self.task = self._task()
+        self.last = 0.0
+
+    def progress(self, done: int, *, failed: int = 0, **figures: float) -> None:
         now = time.perf_counter()
-        if now - self.last < REDRAW_S:
+        if now - self.last < REDRAW_S and (self.total is None or done < self.total):
             return
         self.last = now
-        if self.progress is None:
+        if self.progress_ is None:
             if now - self.t0 < self.wait:
                 return
             self._start()
-        ips = done / max(now - self.t0, 1e-9)
-        self.progress.update(self.task, completed=done + failed, failed=failed, ips=f"{ips:,.0f}")
+        text = f"{failed:,} failed  " if failed else ""
+        if "loss" in figures:
+            text += f"loss {figures['loss']:.4f}  "
+        if "images_per_s" in figures:
+            text += f"{figures['images_per_s']:,.0f} images/s"
+        self.progress_.update(self.task, completed=done + failed, figures=text.strip())
+
+    def note(self, text: str, kind: str = "info") -> None:
+        if self.progress_ is None:
+            super().note(text, kind)
+        elif kind != "log":
+            text = _line(text, kind) if kind in ("error", "warning") else text
+            self.progress_.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def _start(self) -> None:
         from rich.console import Console
+        from rich.progress import Progress
+
+        self.progress_ = Progress(
+            *self._columns(),
+            console=Console(stderr=True),
+            transient=True,
+            redirect_stdout=self.redirect,
+            redirect_stderr=False,
+        )
+        self.task = self._task()
+        self.progress_.start()
+        self.shown = True
+
+    def _task(self) -> Any:
+        return self.progress_.add_task(self.name, total=self.total, figures="")
+
+    def _columns(self) -> tuple:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
-            Progress,
             SpinnerColumn,
             TextColumn,
             TimeElapsedColumn,
             TimeRemainingColumn,
         )
 
-        rate = TextColumn("{task.fields[failed]} failed, {task.fields[ips]} images/s")
+        figures = TextColumn("{task.fields[figures]}")
         if self.total is None:  # folders are walked lazily: the count is not known in advance
-            columns = (
-                SpinnerColumn(),
-                TextColumn(f"{{task.completed:,}} images {self.verb}"),
-                rate,
-                TimeElapsedColumn(),
-            )
-        else:
-            columns = (TextColumn(self.verb), BarColumn(), MofNCompleteColumn(), rate, TimeRemainingColumn())
-        self.progress = Progress(
-            *columns,
-            console=Console(stderr=True),
-            transient=True,
-            redirect_stdout=self.redirect,
-            redirect_stderr=False,
+            return (SpinnerColumn(), TextColumn("{task.completed:,} {task.description}"), figures, TimeElapsedColumn())
+        return (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            figures,
+            TimeRemainingColumn(),
         )
-        self.task = self.progress.add_task(self.verb, total=self.total, failed=0, ips="-")
-        self.progress.start()
-
-    def say(self, line: str) -> None:
-        """A line on stderr (an input's error), above the bar if one shows."""
-        if self.progress is not None:
-            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        if self.progress_ is not None:
+            self.progress_.stop()
+            self.progress_ = None
 
-    @property
-    def shown(self) -> bool:
-        return self.progress is not None
+
+def _line(text: str, kind: str) -> str:
+    from cifarkit.escape import escape_name
+
+    return f"{kind}: {escape_name(text)}"
+
+
+def make_reporter(mode: str, *, info: IO[str] | None = None, rows_on_terminal: bool = False) -> Lines:
+    """The reporter for --progress MODE. auto: a bar when stderr is a terminal (after BAR_AFTER_S, and not when
+    result rows go to the same terminal: they are their own progress), else plain lines. lines: plain lines.
+    none: only warnings and errors. bar: a bar at once."""
+    if mode == "bar":
+        return Bar(info, redirect_stdout=rows_on_terminal)
+    if mode == "auto" and sys.stderr is not None and sys.stderr.isatty() and not rows_on_terminal:
+        return Bar(info, wait=BAR_AFTER_S)
+    return Lines(info, quiet=mode == "none")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import heapq
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ from cifarkit.evaluation.metrics import (
 from cifarkit.evaluation.results import Calibration, CalibrationBin, Comparison, EvalReport, Mistake, ModelReport
 from cifarkit.evaluation.sources import LoadedModel, column_order, open_labelled, open_model
 from cifarkit.files import Failure, chunked, default_threads, ordered_map
-from cifarkit.infer import DEFAULT_BATCH_SIZE
 from cifarkit.preprocess import ImageError, to_pixels
 from cifarkit.spec import versions
 
@@ -117,22 +115,21 @@ class Evaluation:
     """One or two models bound to labelled images; everything that can be wrong with the inputs is found
     here (CifarkitError), before run() reads a single image."""
 
-    def __init__(
-        self,
-        model: str | os.PathLike[str],
-        source: str,
-        *,
-        model_b: str | os.PathLike[str] | None = None,
-        config: EvalConfig = EvalConfig(),
-    ) -> None:
+    def __init__(self, config: EvalConfig) -> None:
         config.validate()
         self.config = config
-        self.models = [open_model(model)] + ([open_model(model_b)] if model_b else [])
-        self.order_b = column_order(self.models[0], self.models[1]) if model_b else None
+        self.models = [open_model(config.model)] + ([open_model(config.model_b)] if config.model_b else [])
+        self.order_b = column_order(self.models[0], self.models[1]) if config.model_b else None
         self.class_names = tuple(self.models[0].meta.class_names)
-        self.top_k = min(config.top_k, len(self.class_names))
+        if config.top_k is not None and config.top_k > len(self.class_names):
+            raise CifarkitError(f"--top-k {config.top_k} is more than the model's {len(self.class_names)} classes")
+        self.top_k = min(config.top_k or DEFAULT_TOP_K, len(self.class_names))
         self.data = open_labelled(
-            source, self.class_names, split=config.split, skip_unknown=config.skip_unknown, data_dir=config.data_dir
+            config.data,
+            self.class_names,
+            split=config.split_or_default,
+            skip_unknown=config.skip_unknown,
+            data_dir=config.data_dir,
         )
 
     def run(self, on_batch: Callable[[BatchResult], None] | None = None) -> EvalReport:
@@ -212,21 +209,3 @@ class _Decoder:
             names.append(name)
             labels.append(label)
         return names, np.array(labels, np.int64), {r: px[: len(names)] for r, px in out.items()}, bad
-
-
-def evaluate_model(
-    model: str | os.PathLike[str],
-    source: str,
-    *,
-    model_b: str | None = None,
-    split: str = "test",
-    top_k: int = DEFAULT_TOP_K,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    threads: int | None = None,
-    skip_unknown: bool = False,
-    data_dir: str | None = None,
-    on_batch: Callable[[BatchResult], None] | None = None,
-) -> EvalReport:
-    """Evaluate `model` (and compare it with `model_b`) on the labelled images of `source`."""
-    config = EvalConfig(split, top_k, batch_size, threads, skip_unknown, data_dir)
-    return Evaluation(model, source, model_b=model_b, config=config).run(on_batch)

@@ -87,11 +87,11 @@ def _open_torchscript(path: str) -> LoadedModel:
 
 
 def _open_checkpoint(path: str) -> LoadedModel:
-    from cifarkit.checkpoint import checkpoint_meta, deployed_from_checkpoint, load_checkpoint
+    from cifarkit.model.checkpoint import Checkpoint
 
-    state = load_checkpoint(path)
-    model = deployed_from_checkpoint(state)  # eager, fp32, CPU: the module every artifact contains
-    return LoadedModel(path, "checkpoint", checkpoint_meta(state), lambda b: model.run_numpy(b, batch_size=len(b)))
+    ckpt = Checkpoint.load(path)
+    model = ckpt.deployed()  # eager, fp32, CPU: the module every artifact contains
+    return LoadedModel(path, "checkpoint", ckpt.artifact, lambda b: model.run_numpy(b, batch_size=len(b)))
 
 
 def column_order(a: LoadedModel, b: LoadedModel) -> np.ndarray | None:

@@ -1,41 +1,29 @@
-"""The nets, a plain name -> constructor table, and the deployed module every artifact contains.
+"""The nets and a plain name -> constructor table (its names are cifarkit.model.MODEL_NAMES, torch-free).
 
 Every constructor takes `num_classes` and nothing that ties it to a device; the training stage moves the
 model where it belongs. A net owns what only it knows: which of its parameters train how (`param_groups`)
 and any initialisation that needs data (`init_from_data`).
 
-    from cifarkit.models import DeployedModel, build_model
+    from cifarkit.model.nets import build_model
     net = build_model("blog_cnn", num_classes=10)
-    deployed = DeployedModel(net, mean, std, tta="none")     # uint8 [N, 32, 32, 3] -> logits, probabilities
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 
 from cifarkit.errors import CifarkitError, first_line
-from cifarkit.recipes import Recipe
-from cifarkit.spec import MAX_CLASSES, TTA_MODES
+from cifarkit.model import MODEL_NAMES, check_model_name
+from cifarkit.model.deployed import normalize_uint8
+from cifarkit.spec import MAX_CLASSES
 
-
-def normalize_uint8(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W], exactly torchvision's ToTensor() then Normalize(mean, std).
-
-    `mean` and `std` are float32 [1, 3, 1, 1]. The result is a channels_last-strided view of NCHW
-    (what permuting an NHWC tensor gives); call .contiguous() for the classic layout."""
-    # Cast first, then permute: the same values and strides, and in the exported graph the uint8 input then
-    # feeds a Cast directly, which TensorRT needs for a uint8 network input (NVIDIA/TensorRT#3985).
-    return x.to(torch.float32).permute(0, 3, 1, 2).div(255.0).sub(mean).div(std)
-
-
-def channel_tensor(values: Sequence[float], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Per-channel values (mean or std) as the float32 [1, 3, 1, 1] tensor normalize_uint8 takes."""
-    return torch.tensor(list(values), dtype=torch.float32, device=device).view(1, 3, 1, 1)
+if TYPE_CHECKING:
+    from cifarkit.train.recipes import Recipe
 
 
 @dataclass
@@ -191,92 +179,40 @@ def init_whitening(layer: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) ->
     layer.weight.copy_(torch.cat((scaled, -scaled)))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The deployed module: what both exported artifacts contain, and what evaluation runs
-# ---------------------------------------------------------------------------------------------------------
-
-
-class DeployedModel(nn.Module):
-    """uint8 [N, H, W, 3] RGB -> (logits [N, C], probabilities [N, C]), float32.
-
-    Normalization is torchvision's ToTensor() + Normalize(mean, std), done in the graph so that a host app
-    feeds decoder output directly. Test-time augmentation, averaged in logit space (airbench's rule):
-      hflip            mean of the image and its mirror
-      hflip_translate  half that, half the mean of hflip over the image shifted 1 px up-left and down-right
-                       (reflect padding)"""
-
-    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], tta: str = "none") -> None:
-        super().__init__()
-        if tta not in TTA_MODES:
-            raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
-        self.net = net
-        self.tta = tta
-        self.register_buffer("mean", channel_tensor(mean))
-        self.register_buffer("std", channel_tensor(std))
-
-    def _mirror(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (self.net(x) + self.net(torch.flip(x, dims=[3])))
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = normalize_uint8(images, self.mean, self.std).contiguous()  # [N, 3, H, W] float32
-        if self.tta == "none":
-            logits = self.net(x)
-        elif self.tta == "hflip":
-            logits = self._mirror(x)
-        else:
-            h, w = x.shape[2], x.shape[3]
-            padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
-            shifted = 0.5 * (self._mirror(padded[:, :, 0:h, 0:w]) + self._mirror(padded[:, :, 2 : h + 2, 2 : w + 2]))
-            logits = 0.5 * self._mirror(x) + 0.5 * shifted
-        return logits, torch.softmax(logits, dim=1)
-
-    @torch.no_grad()
-    def run_numpy(self, images: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
-        """(logits, probabilities) as float32 numpy arrays for uint8 [N, H, W, 3] images, in batches, on the
-        module's device: the eager reference that parity checks compare artifacts with."""
-        device = self.mean.device
-        logits, probs = [], []
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
-            lo, pr = self(batch)
-            logits.append(lo.float().cpu().numpy())
-            probs.append(pr.float().cpu().numpy())
-        if not logits:
-            return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
-        return np.concatenate(logits), np.concatenate(probs)
-
-
 MODELS: dict[str, Callable[..., Net]] = {
     "blog_cnn": BlogCNN,
     "airbench": AirbenchNet,
 }
-
-
-def check_model_name(name: str) -> None:
-    """A CifarkitError listing the known models unless `name` is one."""
-    if name not in MODELS:
-        raise CifarkitError(f"--model: unknown model {name!r}, expected one of {', '.join(sorted(MODELS))}")
+assert tuple(MODELS) == MODEL_NAMES, "cifarkit.model.MODEL_NAMES must list the nets of this table"
 
 
 MAX_PARAMETERS = 200_000_000  # airbench has 1.97 M, the blog's CNN 89,834; a checkpoint may not ask for more
 
 
-def build_model(name: str, num_classes: int, **kwargs: object) -> Net:
-    """Construct a registered model by name. An unknown name, arguments the constructor does not take, or a
-    size over MAX_PARAMETERS (a checkpoint asking for huge widths) is a CifarkitError, found by building the
-    model on the meta device first: nothing is allocated and no random number is drawn before the check."""
+def meta_model(name: str, num_classes: int, **kwargs: object) -> Net:
+    """The net `name` built on the meta device: its structure and shapes, no memory and no random numbers. An
+    unknown name, arguments the constructor does not take, or a size over MAX_PARAMETERS (a checkpoint asking
+    for huge widths) is a CifarkitError."""
     check_model_name(name)
     if not (isinstance(num_classes, int) and 2 <= num_classes <= MAX_CLASSES):
         raise CifarkitError(f"model {name!r}: the number of classes must be 2 to {MAX_CLASSES:,}, got {num_classes!r}")
     try:
         with torch.device("meta"):
-            size = count_parameters(MODELS[name](num_classes=num_classes, **kwargs))
+            net = MODELS[name](num_classes=num_classes, **kwargs)
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise CifarkitError(f"model {name!r} cannot be built with {_short(kwargs)} ({first_line(exc)})") from None
+    size = count_parameters(net)
     if size > MAX_PARAMETERS:
         raise CifarkitError(
             f"model {name!r} with {_short(kwargs)} has {size:,} parameters, over the {MAX_PARAMETERS:,} limit"
         )
+    return net
+
+
+def build_model(name: str, num_classes: int, **kwargs: object) -> Net:
+    """Construct a registered model by name, after meta_model has checked it: nothing is allocated and no
+    random number is drawn before the check."""
+    meta_model(name, num_classes, **kwargs)
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cifarkit.errors import CifarkitError
@@ -24,6 +25,11 @@ from cifarkit.errors import CifarkitError
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smh])")
 MAX_BUDGET_S = 30 * 24 * 3600.0  # a month: beyond that a budget is a typo
+
+# The clock a budgeted run reads: seconds on time.time()'s scale. Tests pass one that advances by a fixed amount
+# at each reading (the pacer reads it once per optimizer step): a step-time model, so that what a budget
+# decides never depends on how fast the machine running the tests is.
+Clock = Callable[[], float]
 
 
 def parse_duration(text: str | float, option: str = "--time-budget") -> float:
@@ -114,9 +120,9 @@ class Budget:
     def deadline(self) -> float:
         return self.started + self.seconds
 
-    def steps_that_fit(self, seconds_per_step: float, now: float | None = None) -> int:
+    def steps_that_fit(self, seconds_per_step: float, now: float) -> int:
         """How many more steps fit before the deadline, the reserve kept."""
-        left = self.deadline - (time.time() if now is None else now) - self.reserve
+        left = self.deadline - now - self.reserve
         return max(0, int(left / max(seconds_per_step, 1e-9)))
 
 
@@ -140,8 +146,9 @@ class Pacer:
         tolerance: float = 0.02,  # relative change of the remaining steps that triggers a re-fit
         min_steps: int = 10,  # fewer steps than this after the warm-up: the budget is too short
         final_tta: str | None = None,  # the test-time augmentation chosen for the final evaluation (a record)
+        clock: Clock = time.time,
     ) -> None:
-        self.budget, self.progress, self.final_tta = budget, progress, final_tta
+        self.budget, self.progress, self.final_tta, self.clock = budget, progress, final_tta, clock
         progress.total_steps = self.UNPLANNED  # until the warm-up has measured the speed
         self.warmup_steps, self.warmup_seconds = warmup_steps, warmup_seconds
         self.refit_seconds, self.tolerance, self.min_steps = refit_seconds, tolerance, min_steps
@@ -151,7 +158,7 @@ class Pacer:
         self.fits: list[dict[str, float]] = []  # every plan: at step, steps in all, seconds per step
 
     def step_done(self, step: int, now: float | None = None) -> None:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         if self.first is None:
             self.first = (step, now)
         if self.mark is None:

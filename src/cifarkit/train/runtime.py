@@ -20,10 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cifarkit.errors import CifarkitError
-
-MAX_THREADS = 256  # torch intra-op threads at most (see check_options)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-CHANNELS_LAST = ("auto", "on", "off")
+from cifarkit.train.config import check_options
 
 # ---------------------------------------------------------------------------------------------------------
 # Device and precision
@@ -230,17 +227,6 @@ class Runtime:
             "allocator_tuned": self.allocator_tuned,
             "world_size": self.dist.world_size,
         }
-
-
-def check_options(precision: str, channels_last: str, threads: int | None) -> None:
-    """The options' own rules, checked before anything is created (CifarkitError naming the option)."""
-    if precision not in PRECISIONS:
-        raise CifarkitError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if channels_last not in CHANNELS_LAST:
-        raise CifarkitError(f"--channels-last must be auto, on or off, got {channels_last!r}")
-    if threads is not None and not 1 <= threads <= MAX_THREADS:
-        # torch.set_num_threads(100000) crashes the process; more threads than cores only cost memory.
-        raise CifarkitError(f"--threads must be 1 to {MAX_THREADS}, got {threads}")
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Inference stage: an exported model.onnx -> predictions, with onnxruntime, numpy and Pillow only.
+"""The classifier: an exported model.onnx -> predictions, with onnxruntime, numpy and Pillow only.
 
 torch is never imported here, directly or through another cifarkit module (a test checks it): an app that
 embeds the classifier needs neither torch nor the training code. Labels, image size and the resize rule come
@@ -9,7 +9,7 @@ from the model's own metadata (cifarkit.spec.ArtifactMeta), so one file is all a
     [pred] = clf.predict("cat.jpg")                     # paths, PIL images or uint8 arrays, one or many
     print(pred.label, pred.probability, pred.top_k)
     probs = clf.run(batch)[1]                           # uint8 [N, 32, 32, 3] -> float32 [N, 10]
-    for r in clf.predict_paths(iter_image_files(["photos/"])):   # streams, flat memory
+    for r in clf.predict_paths(cifarkit.files.iter_image_files(["photos/"])):   # streams, flat memory
         print(r.source, r.label if isinstance(r, Prediction) else r.message)
 
 The streaming path decodes in a thread pool (Pillow releases the GIL while it decodes) with a bounded window
@@ -25,34 +25,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from cifarkit.atomic import finish_pending_set
 from cifarkit.errors import CifarkitError, first_line
-from cifarkit.files import (
-    MAX_THREADS,
-    Blob,
-    Failure,
-    NotRegularFile,
-    chunked,
-    default_threads,
-    iter_image_files,
-    ordered_map,
-    read_regular,
-    stat_reason,
-)
-from cifarkit.preprocess import ImageError, to_pixels
-from cifarkit.providers import CPU, start_session
+from cifarkit.files import MAX_THREADS, Blob, Failure, chunked, default_threads, ordered_map
+from cifarkit.infer.config import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE
+from cifarkit.infer.providers import CPU
+from cifarkit.infer.session import check_contract, open_session
+from cifarkit.preprocess import ImageError, is_pil_image, to_pixels
 from cifarkit.spec import INPUT_NAME, OUTPUT_NAMES, ArtifactMeta
 
-# Images per onnxruntime call and per decoding task. Measured on the 2 shared cores of the development machine
-# (5,000 real test JPEGs, 3 decoding threads): 310-330 us of CPU per image at batch 16-32, 175-235 us at 64-512,
-# where the differences were within the noise. 128 rather than 512: a short run still splits into enough
-# batches to keep every decoding thread busy, and the first rows come out sooner.
-DEFAULT_BATCH_SIZE = 128
-MAX_BATCH_SIZE = 4096  # images per call at most: the blog CNN's activations are ~100 KB an image
 MAX_WINDOW_BYTES = 1 << 30  # decoded pixels in flight at most: (threads + 1) batches of H x W x 3 bytes
-DEFAULT_MODEL_NAME = "model.onnx"  # what from_file looks for in a folder
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -123,7 +105,7 @@ class Classifier:
     ) -> Classifier:
         """Load model.onnx (or a folder holding one) on `device`: "auto" (TensorRT, then CUDA, then the CPU, as
         the installed onnxruntime offers; the CPU with the standard onnxruntime package), "cpu", "cuda" or
-        "tensorrt" (cifarkit.providers). Raises CifarkitError if the model is missing, not ONNX, or not a
+        "tensorrt" (cifarkit.infer.providers). Raises CifarkitError if the model is missing, not ONNX, or not a
         cifarkit export (input `images` uint8 [N, H, W, 3] and cifarkit metadata), or if `device` is not
         available (the message says what to install)."""
         session, meta, path = open_session(path, intra_op_threads=intra_op_threads, device=device)
@@ -327,109 +309,8 @@ class Classifier:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Loading: the session, the metadata, the contract
-# ---------------------------------------------------------------------------------------------------------
-
-
-def open_session(
-    path: str | os.PathLike[str], *, intra_op_threads: int | None = None, device: str = "auto"
-) -> tuple[Any, ArtifactMeta, str]:
-    """(onnxruntime session, its ArtifactMeta, the file's path) for model.onnx or a folder holding one, on
-    the execution providers `device` names (cifarkit.providers.start_session). Raises CifarkitError if the
-    file is missing, unreadable, not ONNX, or carries no cifarkit metadata, or if `device` is not available."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, DEFAULT_MODEL_NAME)
-    finish_pending_set(os.path.dirname(path) or ".")  # an export killed mid-way: all new, never a mix
-    payload = read_model_bytes(path)
-    if payload.startswith(b"PK"):
-        raise CifarkitError(
-            f"model {path} is a zip archive (a TorchScript model.pt?); cifar-infer runs the ONNX export, model.onnx"
-        )
-    try:
-        # From bytes: the file is read once, as a regular file; external data files (which a cifarkit export
-        # never has) cannot be resolved, so a model cannot make onnxruntime read other files.
-        session = start_session(payload, _session_options(intra_op_threads), device)
-    except CifarkitError:
-        raise  # the device's provider is missing or did not start: start_session said what to install
-    except Exception as exc:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for bad files
-        raise CifarkitError(f"model {path} is not a valid ONNX model ({first_line(exc)})") from None
-    props = dict(session.get_modelmeta().custom_metadata_map)
-    if "schema" not in props or "class_names" not in props:
-        raise CifarkitError(
-            f"model {path} has no cifarkit metadata (class names, image size, resize rule); export it with cifar-export"
-        )
-    try:
-        meta = ArtifactMeta.from_props(props)
-    except (ValueError, TypeError) as exc:
-        raise CifarkitError(f"model {path} has bad cifarkit metadata: {exc}") from None
-    return session, meta, path
-
-
-MAX_MODEL_BYTES = 1 << 30  # 1 GiB: a cifarkit export is under 10 MB; protobuf itself stops at 2 GiB
-
-
-def read_model_bytes(path: str) -> bytes:
-    """The model file's bytes, if it is a regular file of a sane size (CifarkitError naming it otherwise)."""
-    try:
-        payload = read_regular(path, MAX_MODEL_BYTES)
-    except NotRegularFile as exc:
-        raise CifarkitError(f"model {path} {exc.strerror}") from None
-    except FileNotFoundError:
-        raise CifarkitError(f"model {path} does not exist") from None
-    except OSError as exc:
-        raise CifarkitError(f"model {path}: cannot read ({stat_reason(path, exc)})") from None
-    if payload is None:
-        size = os.stat(path).st_size
-        raise CifarkitError(f"model {path} is {size:,} bytes, over the {MAX_MODEL_BYTES:,}-byte limit")
-    return payload
-
-
-def check_contract(session: Any, meta: ArtifactMeta, source: str) -> None:
-    """The session's input and outputs are what cifarkit exports and agree with the metadata."""
-    h, w = meta.image_size
-    want = f"one input '{INPUT_NAME}' uint8 [N, {h}, {w}, 3]"
-    inputs = session.get_inputs()
-    if len(inputs) != 1:
-        raise CifarkitError(f"model {source} has {len(inputs)} inputs, expected {want}")
-    arg = inputs[0]
-    shape = list(arg.shape)
-    fixed = [d for d in shape[1:] if isinstance(d, int)]
-    if (
-        arg.name != INPUT_NAME
-        or arg.type != "tensor(uint8)"
-        or len(shape) != 4
-        or (len(fixed) == 3 and fixed != [h, w, 3])
-    ):
-        raise CifarkitError(
-            f"model {source} takes input {arg.name!r} {arg.type} {shape}, expected {want} (is it a cifarkit export?)"
-        )
-    dims = {o.name: o.shape for o in session.get_outputs()}
-    if OUTPUT_NAMES[0] not in dims:
-        raise CifarkitError(f"model {source} has no {OUTPUT_NAMES[0]!r} output (outputs: {list(dims)})")
-    classes = dims[OUTPUT_NAMES[0]][-1] if dims[OUTPUT_NAMES[0]] else None
-    if isinstance(classes, int) and classes != len(meta.class_names):
-        raise CifarkitError(f"model {source} outputs {classes} classes but its metadata names {len(meta.class_names)}")
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _session_options(intra_op_threads: int | None) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only: onnxruntime's warnings are not the user's business
-    # onnxruntime's default is one spinning thread per core. Here at most 2, and sleeping rather than spinning
-    # between calls: the model costs ~70 us of CPU per image (5.7 MFLOP), about as much as decoding it, and
-    # spinning threads would take the cores the decoding threads need (measured end to end on 5,000 JPEGs:
-    # 215 us of CPU per image without spinning, 270 us with it, and 10-30 % fewer images/s).
-    opts.intra_op_num_threads = intra_op_threads if intra_op_threads is not None else min(2, os.cpu_count() or 1)
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return opts
 
 
 def _is_single(items: Any) -> bool:
@@ -437,7 +318,7 @@ def _is_single(items: Any) -> bool:
         return True
     if isinstance(items, np.ndarray):
         return items.ndim != 4
-    return isinstance(items, Image.Image)
+    return is_pil_image(items)
 
 
 def _item_name(i: int, item: Any) -> str:
@@ -445,15 +326,3 @@ def _item_name(i: int, item: Any) -> str:
     if isinstance(name, str) and name:
         return name
     return f"<array {i}>" if isinstance(item, np.ndarray) else f"<image {i}>"
-
-
-__all__ = [
-    "DEFAULT_BATCH_SIZE",
-    "Classifier",
-    "Failure",
-    "Prediction",
-    "Result",
-    "check_contract",
-    "iter_image_files",
-    "open_session",
-]

@@ -15,7 +15,7 @@ from cifarkit.spec import BLOG_MEAN, BLOG_STD, CIFAR10_MEAN, CIFAR10_STD
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    model: str  # a name in cifarkit.models.MODELS
+    model: str  # a name in cifarkit.model.MODEL_NAMES
     epochs: float  # may be fractional: training stops after ceil(steps_per_epoch * epochs) optimizer steps
     batch_size: int  # images per optimizer step
     lr: float  # Adam: the learning rate. SGD: airbench's lr per 1,024 images (decoupled from momentum)
@@ -25,7 +25,7 @@ class Recipe:
     momentum: float = 0.0  # SGD momentum
     weight_decay: float = 0.0  # SGD: airbench's decay per 1,024 images (decoupled from the learning rate)
     bias_lr_scale: float = 1.0  # learning-rate multiplier for BatchNorm biases (not applied to weight decay)
-    #                             (the model says which parameters those are: models.ParamGroup)
+    #                             (the model says which parameters those are: cifarkit.model.nets.ParamGroup)
     label_smoothing: float = 0.0
     loss_reduction: str = "mean"  # "mean" | "sum" (airbench sums, which scales with the batch)
     schedule: tuple[float, float, float] | None = None  # triangle: (start, peak position in [0, 1], end)

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from cifarkit.models import channel_tensor, normalize_uint8
+from cifarkit.model.deployed import channel_tensor, normalize_uint8
 
 
 class DeviceBatches:

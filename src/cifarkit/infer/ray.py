@@ -4,7 +4,7 @@ Imported only when asked for (`cifar-infer --engine ray`, or by a Ray user); Ray
 `pip install 'cifarkit[ray]'`. For Ray users, to compose with their own pipelines:
 
     import ray
-    from cifarkit.ray_engine import Predictor, classify_dataset
+    from cifarkit.infer.ray import Predictor, classify_dataset
     ds = ray.data.read_parquet("s3://bucket/shards/")           # path, bytes: what cifar-pack writes
     preds = classify_dataset(ds, "model.onnx", top_k=3)         # path, label, index, probability, top_k, error
     preds.write_parquet("s3://bucket/predictions/")
@@ -35,11 +35,16 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+from cifarkit.atomic import committed_member
 from cifarkit.errors import CifarkitError, first_line
 from cifarkit.escape import escape_name
 from cifarkit.files import Blob, Failure
-from cifarkit.infer import DEFAULT_BATCH_SIZE, Classifier, Prediction, Result
-from cifarkit.shards import InputPlan, decode_names, prediction_table, pyarrow_modules, unit_items
+from cifarkit.infer.classifier import DEFAULT_BATCH_SIZE, Classifier, Prediction, Result
+from cifarkit.infer.engines import Engine, as_plan
+from cifarkit.infer.inputs import InputPlan, unit_items
+from cifarkit.infer.session import read_model_bytes
+from cifarkit.infer.sinks import prediction_table
+from cifarkit.shards import decode_names, pyarrow_modules
 
 INSTALL_HINT = "pip install 'cifarkit[ray]'"
 UNIT_IMAGES = 2048  # images per work unit of paths or URIs: one Ray task, retried as a whole if its actor dies
@@ -142,10 +147,10 @@ def prediction_columns(pa: Any, results: list[Result], path: Any) -> Any:
 
 
 class UnitPredictor(Predictor):
-    """The command line's actor: each batch holds one work unit (cifarkit.shards.InputPlan.units), read and
+    """The command line's actor: each batch holds one work unit (cifarkit.infer.inputs.InputPlan.units), read and
     classified here. The results go back in order, either pickled (exact, file names that are not UTF-8
     included; the driver formats each row) or, for --format parquet, as the output table itself
-    (cifarkit.shards.prediction_table: the per-row work is done here, in parallel, not in the driver)."""
+    (cifarkit.infer.sinks.prediction_table: the per-row work is done here, in parallel, not in the driver)."""
 
     def __init__(self, model: Any, top_k: int = 1, batch_size: int = DEFAULT_BATCH_SIZE, tables: bool = False) -> None:
         super().__init__(model, top_k, batch_size)
@@ -207,7 +212,7 @@ def classify_dataset(
 # ---------------------------------------------------------------------------------------------------------
 
 
-class RayEngine:
+class RayEngine(Engine):
     """Connects to a Ray cluster (or starts a local one) and classifies an InputPlan there: work units made
     in the driver, classified by a pool of UnitPredictor actors, results streamed back in input order."""
 
@@ -222,30 +227,29 @@ class RayEngine:
     ) -> RayEngine:
         """Raises CifarkitError (one line) if Ray is not installed or the address cannot be reached."""
         ray = import_ray()
-        with open(clf.source, "rb") as f:
-            model = f.read()
+        model = read_model_bytes(os.fspath(committed_member(clf.source)))  # the bytes the local session read
         started = connect(ray, address, quiet=quiet)
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if cpus < 1:
             raise CifarkitError(f"the Ray cluster at {address or 'this machine'} has no CPUs for actors")
         return cls(ray, clf, model, actors or cpus, started=started)
 
-    def predict_plan(
-        self, plan: InputPlan, *, top_k: int, batch_size: int, predictor: type[UnitPredictor] = UnitPredictor
+    def predict(
+        self, inputs: Any, *, top_k: int = 1, batch_size: int = DEFAULT_BATCH_SIZE, predictor: type | None = None
     ) -> Iterator[Result]:
-        """The results for every input of `plan`, in input order. Each work unit is one Ray task; an actor
-        that dies is restarted and its task retried (Ray Data's defaults for actor pools: max_restarts=-1,
+        """The results for every input, in input order. Each work unit is one Ray task; an actor that dies is
+        restarted and its task retried (Ray Data's defaults for actor pools: max_restarts=-1,
         max_task_retries=-1), and only finished tasks reach the driver, so every input comes out once."""
-        for table in self._execute(plan, top_k, batch_size, predictor, tables=False):
+        for table in self._execute(as_plan(inputs), top_k, batch_size, predictor or UnitPredictor, tables=False):
             for blob in table.column("results").to_pylist():
                 yield from pickle.loads(blob)
 
-    def predict_tables(
-        self, plan: InputPlan, *, top_k: int, batch_size: int, predictor: type[UnitPredictor] = UnitPredictor
+    def tables(
+        self, inputs: Any, *, top_k: int = 1, batch_size: int = DEFAULT_BATCH_SIZE, predictor: type | None = None
     ) -> Iterator[Any]:
-        """The same, as pyarrow Tables in cifarkit.shards.prediction_schema (a row for every input, failed ones
-        with their error): what --format parquet writes, with no Python object per row in the driver."""
-        yield from self._execute(plan, top_k, batch_size, predictor, tables=True)
+        """The same, as pyarrow Tables in cifarkit.infer.sinks.prediction_schema (a row for every input, failed
+        ones with their error), built in the actors: no Python object per row in the driver."""
+        yield from self._execute(as_plan(inputs), top_k, batch_size, predictor or UnitPredictor, tables=True)
 
     def _execute(self, plan: InputPlan, top_k: int, batch_size: int, predictor: type, *, tables: bool) -> Iterator[Any]:
         ray = self.ray

@@ -1,0 +1,42 @@
+"""Export stage: ExportConfig -> export(cfg, reporter) -> ExportResult, verified ONNX and TorchScript files.
+
+    from cifarkit.export import ExportConfig, export
+    result = export(ExportConfig(checkpoint="runs/blog/checkpoint.pt", out="artifacts/"))
+
+    config.py    ExportConfig and its checks (no torch)
+    formats.py   ONNX and TorchScript bytes with cifarkit's metadata, and their runners
+    verify.py    an artifact against the eager model, at several batch sizes
+    run.py       export(): load and check the checkpoint, build, verify every format, write the set
+
+Names are imported lazily, so that `cifarkit.export.config` stays torch-free. Export imports nothing from
+training (cifarkit.train): the checkpoint (cifarkit.model) is all it reads.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ExportConfig": "config",
+    "FORMATS": "config",
+    "DEFAULT_OPSET": "config",
+    "ExportResult": "run",
+    "export": "run",
+    "FILE_NAMES": "run",
+    "load_torchscript": "formats",
+    "onnx_bytes": "formats",
+    "torchscript_bytes": "formats",
+    "Verification": "verify",
+    "compare": "verify",
+    "MAX_ABS_LOGIT_DIFF": "verify",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cifarkit.export' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"cifarkit.export.{module}"), name)

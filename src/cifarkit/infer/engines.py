@@ -1,0 +1,107 @@
+"""Inference engines behind one protocol. Every engine takes the same inputs (an InputPlan, or the paths, folders,
+shards and URIs to make one) and yields the same results in input order: a Prediction for each image, a Failure
+(naming the input and why) for each input that could not be read or classified, by the same decoding rule
+(cifarkit.preprocess) and the same escaping rule for what is printed (cifarkit.escape). A caller never asks
+which engine it holds.
+
+    from cifarkit.infer import open_engine
+    with open_engine("model.onnx", engine="ray") as engine:      # or "local"
+        for r in engine.predict(["photos/"], top_k=3):
+            print(r.source, r.label if isinstance(r, Prediction) else r.message)
+
+`predict` yields Python objects; `tables` yields the same rows as pyarrow Tables in
+cifarkit.infer.sinks.prediction_schema (what --format parquet writes), which the Ray engine builds in its actors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from cifarkit.errors import CifarkitError
+from cifarkit.infer.classifier import Classifier, Result
+from cifarkit.infer.config import DEFAULT_BATCH_SIZE, ENGINES
+from cifarkit.infer.inputs import InputPlan
+
+TABLE_ROWS = 4096  # rows per table a local engine hands to a Parquet sink
+
+
+def as_plan(inputs: InputPlan | Iterable[str | os.PathLike[str]]) -> InputPlan:
+    """An InputPlan as given, or one resolved from paths (shards and URIs are checked now: CifarkitError)."""
+    if isinstance(inputs, InputPlan):
+        return inputs
+    if isinstance(inputs, (str, bytes, os.PathLike)):
+        inputs = [inputs]  # type: ignore[list-item]
+    return InputPlan.resolve(inputs)  # type: ignore[arg-type]
+
+
+class Engine:
+    """The protocol every engine follows, and what they share: `labels` (the model's class names), `source` (its
+    file), `predict`, `tables` (built here from `predict` in chunks of TABLE_ROWS; an engine that can build them
+    where it classifies overrides it), `close`, and use as a context manager."""
+
+    labels: tuple[str, ...]
+    source: str
+
+    def predict(self, inputs: Any, *, top_k: int = 1, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[Result]:
+        raise NotImplementedError
+
+    def tables(self, inputs: Any, *, top_k: int = 1, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[Any]:
+        from cifarkit.infer.sinks import PredictionRows
+        from cifarkit.shards import pyarrow_modules
+
+        rows = PredictionRows(pyarrow_modules()[0])
+        for r in self.predict(inputs, top_k=top_k, batch_size=batch_size):
+            rows.add(r)
+            if len(rows) >= TABLE_ROWS:
+                yield rows.table()
+        if len(rows):
+            yield rows.table()
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalEngine(Engine):
+    """This process: files read and decoded in `threads` threads (None: cores + 1; 0: the calling thread), a
+    bounded window of batches in flight, one onnxruntime session (cifarkit.infer.classifier.Classifier)."""
+
+    def __init__(self, clf: Classifier, *, threads: int | None = None) -> None:
+        self.clf, self.threads = clf, threads
+        self.labels, self.source = clf.labels, clf.source
+
+    def predict(self, inputs: Any, *, top_k: int = 1, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[Result]:
+        plan = as_plan(inputs)
+        return self.clf.predict_paths(plan.items(), top_k=top_k, batch_size=batch_size, threads=self.threads)
+
+
+def open_engine(
+    model: str | os.PathLike[str] | Classifier,
+    *,
+    engine: str = "local",
+    device: str = "auto",
+    threads: int | None = None,
+    ray_address: str | None = None,
+    ray_actors: int | None = None,
+    quiet: bool = True,
+) -> Engine:
+    """The engine named `engine` for `model` (a model.onnx, a folder holding one, or a loaded Classifier).
+    local: this process, `device` and decoding `threads`. ray: actors on the Ray cluster at `ray_address`
+    (default: $RAY_ADDRESS, else a cluster started on this machine, else a new local Ray that close() stops),
+    `ray_actors` of them (default one per CPU). Raises CifarkitError for a model, device or cluster that cannot
+    be used, in one line."""
+    if engine not in ENGINES:
+        raise CifarkitError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    clf = model if isinstance(model, Classifier) else Classifier.from_file(model, device=device)
+    if engine == "local":
+        return LocalEngine(clf, threads=threads)
+    from cifarkit.infer.ray import RayEngine
+
+    return RayEngine.connect(clf, address=ray_address, actors=ray_actors, quiet=quiet)
