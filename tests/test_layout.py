@@ -46,7 +46,7 @@ def _hits(loaded: set[str], never: tuple[str, ...]) -> list[str]:
         ("cifarkit.model.checkpoint", ("cifarkit.train.run", "cifarkit.train.batches", "cifarkit.data", "PIL")),
         ("cifarkit.export.run", ("cifarkit.train", "cifarkit.data", "PIL")),
         ("cifarkit.infer.run", ("torch", "cifarkit.model", "cifarkit.train", "ray", "pyarrow")),
-        ("cifarkit.evaluation.evaluate", ("torch", "cifarkit.model", "cifarkit.train")),
+        ("cifarkit.evaluation.stage", ("torch", "cifarkit.model", "cifarkit.train")),
     ],
 )
 def test_module_imports_only_what_it_needs(module, never):

@@ -27,7 +27,7 @@ from cifarkit.evaluation.config import OUT_FILES, EvalConfig  # noqa: E402
 
 
 def run(cfg: EvalConfig, opts: Progress) -> int:
-    from cifarkit.evaluation.evaluate import evaluate
+    from cifarkit.evaluation.stage import evaluate
     from cifarkit.evaluation.text import report_text
 
     reporter = make_reporter(opts.progress, info=sys.stdout)

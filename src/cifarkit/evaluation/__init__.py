@@ -21,7 +21,7 @@ held a few batches at a time, whatever the number of images.
     results.py   the typed report
     text.py      the report as cifar-eval prints it
     figures.py   report.json and the three pictures
-    evaluate.py  evaluate(): the stage, with predictions.csv and the files of --out
+    stage.py     evaluate(): the stage, with predictions.csv and the files of --out
 
 Names are imported lazily: `import cifarkit.evaluation.config` loads no numpy.
 """
@@ -37,7 +37,7 @@ _EXPORTS = {
     "DEFAULT_TOP_K": "config",
     "CALIBRATION_BINS": "config",
     "OUT_FILES": "config",
-    "evaluate": "evaluate",
+    "evaluate": "stage",
     "Evaluation": "run",
     "BatchResult": "run",
     "EvalReport": "results",
