@@ -17,6 +17,7 @@ comments and help are the documentation. A plain `field()` is a library-only set
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -113,3 +114,21 @@ class Recorder(Silent):
 
     def lines(self, kind: str | None = None) -> list[str]:
         return [text for k, text in self.notes if kind is None or k == kind]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A stage package's face: names imported on first use
+# ---------------------------------------------------------------------------------------------------------
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """A module __getattr__ (PEP 562) for a stage package: `name` is taken from `package.exports[name]` when
+    first asked for, so that importing the package (or its config module) loads nothing heavy."""
+
+    def __getattr__(name: str) -> Any:
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{package}.{module}"), name)
+
+    return __getattr__

@@ -80,6 +80,15 @@ def write_out(text: str, stream: object = None) -> None:
         os.dup2(devnull, out.fileno())  # type: ignore[union-attr]
 
 
+def inputs_status(failed: int, total: int) -> int:
+    """The exit status of a run over many inputs, and the closing line on stderr when some failed (each was
+    named on its own line as it failed)."""
+    if not failed:
+        return EXIT_OK
+    print(f"{failed:,} of {total:,} input(s) failed; see the lines above", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def _traceback() -> None:
     import traceback
 

@@ -20,8 +20,8 @@ import sys
 # never does (~0.06 s of CPU per start on 2 cores). Set before numpy is imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from cifarkit.cli import EXIT_FAILED, EXIT_OK, console, guarded, write_out  # noqa: E402
-from cifarkit.cli.progress import make_reporter  # noqa: E402
+from cifarkit.cli import console, inputs_status, write_out  # noqa: E402
+from cifarkit.cli.progress import run_reported  # noqa: E402
 from cifarkit.cli.shell import Command, Progress  # noqa: E402
 from cifarkit.evaluation.config import OUT_FILES, EvalConfig  # noqa: E402
 
@@ -30,17 +30,11 @@ def run(cfg: EvalConfig, opts: Progress) -> int:
     from cifarkit.evaluation.stage import evaluate
     from cifarkit.evaluation.text import report_text
 
-    reporter = make_reporter(opts.progress, info=sys.stdout)
-    try:
-        report = guarded(lambda: evaluate(cfg, reporter), debug=opts.debug)
-    finally:
-        reporter.close()
+    report, _ = run_reported(evaluate, cfg, opts.progress, debug=opts.debug, info=sys.stdout)
     write_out(report_text(report))
     if cfg.out is not None:
         write_out(f"\nwrote {cfg.out}/: {', '.join(OUT_FILES)}")
-    if report.failed:
-        print(f"{report.failed:,} of {report.data.count:,} input(s) failed; see the lines above", file=sys.stderr)
-    return EXIT_FAILED if report.failed else EXIT_OK
+    return inputs_status(report.failed, report.data.count)
 
 
 COMMAND = Command(

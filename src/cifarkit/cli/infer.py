@@ -19,8 +19,8 @@ from typing import Any
 # matrix products this command never does (onnxruntime has its own kernels). Set before numpy is imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from cifarkit.cli import EXIT_FAILED, EXIT_OK, console, guarded, quiet_broken_pipe  # noqa: E402
-from cifarkit.cli.progress import make_reporter  # noqa: E402
+from cifarkit.cli import console, guarded, inputs_status, quiet_broken_pipe  # noqa: E402
+from cifarkit.cli.progress import run_reported  # noqa: E402
 from cifarkit.cli.shell import Command, Progress  # noqa: E402
 from cifarkit.errors import CifarkitError  # noqa: E402
 from cifarkit.infer.config import InferConfig  # noqa: E402
@@ -55,18 +55,18 @@ def run(cfg: InferConfig, opts: Progress) -> int:
     if not opts.debug and guarded(lambda: choose_providers(cfg.device), debug=False) != [CPU]:
         quiet_native_logs()  # a GPU provider that failed to load logs several lines; one warning says it
     rows_on_terminal = cfg.output is None and sys.stdout is not None and sys.stdout.isatty()
-    reporter = make_reporter(opts.progress, info=sys.stderr, rows_on_terminal=rows_on_terminal)
-    try:
-        result = guarded(lambda: quiet_broken_pipe(lambda: infer(cfg, reporter)), debug=opts.debug)
-    finally:
-        reporter.close()
+    result, reporter = run_reported(
+        lambda c, r: quiet_broken_pipe(lambda: infer(c, r)),
+        cfg,
+        opts.progress,
+        debug=opts.debug,
+        info=sys.stderr,
+        rows_on_terminal=rows_on_terminal,
+    )
     if getattr(reporter, "shown", False) or opts.progress == "lines":
         ips = result.done / max(result.seconds, 1e-9)
         print(f"classified {result.done:,} images in {result.seconds:.1f} s ({ips:,.0f} images/s)", file=sys.stderr)
-    if result.failed:
-        total = result.done + result.failed
-        print(f"{result.failed} of {total} input(s) failed; see the lines above", file=sys.stderr)
-    return EXIT_FAILED if result.failed else EXIT_OK
+    return inputs_status(result.failed, result.done + result.failed)
 
 
 COMMAND = Command(

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from cifarkit.cli import EXIT_FAILED, EXIT_OK, console, guarded
-from cifarkit.cli.progress import make_reporter
+from cifarkit.cli import EXIT_FAILED, EXIT_OK, console
+from cifarkit.cli.progress import run_reported
 from cifarkit.cli.shell import Command, Progress
 from cifarkit.pack import PackConfig
 
@@ -20,11 +20,7 @@ from cifarkit.pack import PackConfig
 def run(cfg: PackConfig, opts: Progress) -> int:
     from cifarkit.pack import pack
 
-    reporter = make_reporter(opts.progress, info=sys.stderr)
-    try:
-        result = guarded(lambda: pack(cfg, reporter), debug=opts.debug)
-    finally:
-        reporter.close()
+    result, _ = run_reported(pack, cfg, opts.progress, debug=opts.debug, info=sys.stderr)
     print(
         f"packed {result.files:,} files ({result.bytes / 2**20:,.1f} MiB) into {len(result.shards)} shard(s) "
         f"in {cfg.out} ({result.seconds:.1f} s)"

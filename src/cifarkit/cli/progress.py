@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
-from cifarkit.cli import write_out
+from cifarkit.cli import guarded, write_out
 
 BAR_AFTER_S = 1.0  # --progress auto shows a bar only once a run has lasted this long: short runs stay quiet
 REDRAW_S = 0.1  # ~10 redraws a second: rich's update costs ~20 us
@@ -132,6 +133,19 @@ class Bar(Lines):
         if self.progress_ is not None:
             self.progress_.stop()
             self.progress_ = None
+
+
+def run_reported(
+    stage: Callable[[Any, Lines], Any], cfg: Any, mode: str, *, debug: bool, info: IO[str] | None,
+    rows_on_terminal: bool = False,
+) -> tuple[Any, Lines]:  # fmt: skip
+    """stage(cfg, reporter) under the command line's exit rules (cifarkit.cli.guarded), with the reporter that
+    --progress MODE asks for, closed afterwards: (the stage's result, the reporter)."""
+    reporter = make_reporter(mode, info=info, rows_on_terminal=rows_on_terminal)
+    try:
+        return guarded(lambda: stage(cfg, reporter), debug=debug), reporter
+    finally:
+        reporter.close()
 
 
 def _line(text: str, kind: str) -> str:

@@ -13,8 +13,8 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from cifarkit.cli import EXIT_OK, console, guarded
-from cifarkit.cli.progress import make_reporter
+from cifarkit.cli import EXIT_OK, console
+from cifarkit.cli.progress import run_reported
 from cifarkit.cli.shell import Command, Progress
 from cifarkit.train.config import TrainConfig
 
@@ -24,12 +24,8 @@ def run(cfg: TrainConfig, opts: Progress) -> int:
     from cifarkit.train.run import train
 
     cfg = replace(cfg, budget_start=process_start())  # a budget counts the whole process, imports included
-    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
-    reporter = make_reporter(opts.progress if main_rank else "none", info=sys.stdout)
-    try:
-        result = guarded(lambda: train(cfg, reporter), debug=opts.debug)
-    finally:
-        reporter.close()
+    mode = opts.progress if os.environ.get("RANK", "0") == "0" else "none"  # under torchrun only rank 0 talks
+    result, _ = run_reported(train, cfg, mode, debug=opts.debug, info=sys.stdout)
     if result.rank == 0:
         print_result(result)
     return EXIT_OK

@@ -28,8 +28,7 @@ Names are imported lazily: `import cifarkit.evaluation.config` loads no numpy.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cifarkit.stage import lazy_exports
 
 _EXPORTS = {
     "EvalConfig": "config",
@@ -74,8 +73,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cifarkit.evaluation' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"cifarkit.evaluation.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

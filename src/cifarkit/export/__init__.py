@@ -14,8 +14,7 @@ training (cifarkit.train): the checkpoint (cifarkit.model) is all it reads.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cifarkit.stage import lazy_exports
 
 _EXPORTS = {
     "ExportConfig": "config",
@@ -35,8 +34,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cifarkit.export' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"cifarkit.export.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -22,8 +22,7 @@ Names are imported lazily: `import cifarkit.infer.config` loads no numpy.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cifarkit.stage import lazy_exports
 
 _EXPORTS = {
     "InferConfig": "config",
@@ -40,16 +39,11 @@ _EXPORTS = {
     "open_engine": "engines",
     "InferResult": "run",
     "infer": "run",
+    # cifarkit.files' names, as inputs.py imports them
+    "Failure": "inputs",
+    "Blob": "inputs",
+    "iter_image_files": "inputs",
 }
-_FROM_FILES = ("Failure", "Blob", "iter_image_files")  # re-exported from cifarkit.files
 
-__all__ = sorted([*_EXPORTS, *_FROM_FILES])
-
-
-def __getattr__(name: str) -> Any:
-    if name in _FROM_FILES:
-        return getattr(importlib.import_module("cifarkit.files"), name)
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cifarkit.infer' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"cifarkit.infer.{module}"), name)
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -20,8 +20,7 @@ Names are imported lazily, so that `cifarkit.train.config` stays torch-free.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cifarkit.stage import lazy_exports
 
 _EXPORTS = {
     "TrainConfig": "config",
@@ -44,8 +43,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cifarkit.train' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"cifarkit.train.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
