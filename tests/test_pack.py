@@ -259,7 +259,7 @@ def test_parquet_folder_appears_only_when_complete(model_path, tree, tmp_path, m
         real(self, t)
 
     monkeypatch.setattr(PredictionParts, "table", crash_late)
-    monkeypatch.setattr("cifarkit.infer.engines.TABLE_ROWS", 8)  # tables of 8 rows: the crash comes mid-run
+    monkeypatch.setattr("cifarkit.infer.protocol.TABLE_ROWS", 8)  # tables of 8 rows: the crash comes mid-run
     code, _, err = cli(infer_cli.main, tree, "-m", model_path, "-f", "parquet", "-o", tmp_path / "preds")
     assert code == 1 and "simulated crash" in err
     assert os.listdir(tmp_path) == []

@@ -12,9 +12,11 @@ model. onnxruntime, numpy and Pillow only: torch is never imported here (a test 
     session.py     loading: the model file, the session, the contract
     classifier.py  Classifier: arrays or images in, Predictions out; the ordered decode window
     inputs.py      InputPlan: paths, folders, shards and URIs, resolved and checked
-    engines.py     the Engine protocol, the local engine, open_engine
+    protocol.py    the Engine protocol: what every engine takes and gives
+    engines.py     the local engine, open_engine
     ray.py         the Ray engine, and Predictor / classify_dataset for Ray Data users
-    sinks.py       the text formats, the Parquet prediction dataset, the --output rule
+    sinks.py       the text formats and the Parquet prediction dataset
+    outputs.py     the --output rule: stdout, a device or FIFO written directly, or a file written atomically
     run.py         infer(): plan, engine, sink, rows as they come
 
 Names are imported lazily: `import cifarkit.infer.config` loads no numpy.
@@ -34,7 +36,7 @@ _EXPORTS = {
     "open_session": "session",
     "check_contract": "session",
     "InputPlan": "inputs",
-    "Engine": "engines",
+    "Engine": "protocol",
     "LocalEngine": "engines",
     "open_engine": "engines",
     "InferResult": "run",

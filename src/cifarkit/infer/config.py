@@ -97,7 +97,7 @@ class InferConfig:
         if self.device not in DEVICES:
             raise CifarkitError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         self._check_engine()
-        from cifarkit.infer.sinks import check_output, check_output_folder
+        from cifarkit.infer.outputs import check_output, check_output_folder
 
         if self.format == "parquet":
             check_output_folder(self.output)

@@ -40,8 +40,8 @@ from cifarkit.errors import CifarkitError, first_line
 from cifarkit.escape import escape_name
 from cifarkit.files import Blob, Failure
 from cifarkit.infer.classifier import DEFAULT_BATCH_SIZE, Classifier, Prediction, Result
-from cifarkit.infer.engines import Engine, as_plan
 from cifarkit.infer.inputs import InputPlan, unit_items
+from cifarkit.infer.protocol import Engine, as_plan
 from cifarkit.infer.session import read_model_bytes
 from cifarkit.infer.sinks import prediction_table
 from cifarkit.shards import decode_names, pyarrow_modules

@@ -21,10 +21,12 @@ from cifarkit.errors import CifarkitError
 from cifarkit.escape import unescape_name
 from cifarkit.infer.classifier import Classifier, Failure
 from cifarkit.infer.config import InferConfig
-from cifarkit.infer.engines import Engine, open_engine
+from cifarkit.infer.engines import open_engine
 from cifarkit.infer.inputs import InputPlan
+from cifarkit.infer.outputs import check_output, text_output
+from cifarkit.infer.protocol import Engine
 from cifarkit.infer.providers import ProviderFallbackWarning
-from cifarkit.infer.sinks import PredictionParts, Writer, check_output, text_output
+from cifarkit.infer.sinks import PredictionParts, Writer
 from cifarkit.stage import Reporter, Silent
 
 FAILURES_KEPT = 100  # failure messages kept in the result (every failure is counted and told to the reporter)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -22,8 +22,12 @@ from cifarkit.model import MODEL_NAMES, check_model_name
 from cifarkit.model.deployed import normalize_uint8
 from cifarkit.spec import MAX_CLASSES
 
-if TYPE_CHECKING:
-    from cifarkit.train.recipes import Recipe
+
+class Recipe(Protocol):
+    """What a net reads of a training recipe (cifarkit.train.recipes.Recipe) to group its parameters."""
+
+    bias_lr_scale: float  # learning-rate multiplier for BatchNorm biases
+    whiten_bias_epochs: int  # epochs during which a whitening conv's bias trains; 0: every epoch
 
 
 @dataclass
