@@ -1,6 +1,7 @@
-"""Fuzzing: random and mutated images, model metadata and checkpoints. Property: every case ends in a
-result or one CifarkitError (or, for images, a Failure / ImageError) whose message is one line, within a
-time bound; no other exception type ever escapes.
+"""Fuzzing: random and mutated images, model metadata, checkpoints (fields alone and combined), CIFAR batch pickles
+(numpy array headers: shapes, dtypes, strides, offsets) and output targets (--output and standard output).
+Property: every case ends in a result or one CifarkitError (or, for images, a Failure / ImageError) whose message is
+one line, within a time bound and, for batch files, a memory bound; no other exception type ever escapes.
 
 The default profile keeps this file to tens of seconds. `make fuzz` (CIFARKIT_FUZZ=long) runs the long
 profile: many more cases per target, printed statistics."""
@@ -12,6 +13,7 @@ import json
 import os
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -191,7 +193,27 @@ plain_values = st.recursive(
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=15,
 )
-CHECKPOINT_FIELDS = ["format_version", "artifact", "model_kwargs", "model_state", "epoch", "history", "train_config"]
+CHECKPOINT_FIELDS = [
+    "format_version",
+    "artifact",
+    "model_kwargs",
+    "model_state",
+    "epoch",
+    "step",
+    "plan",
+    "history",
+    "train_config",
+    "optimizer_state",
+    "metrics",
+]
+# Values that are each plausible alone and wrong together: an image size the net cannot take, arguments the
+# net does not take or that cifarkit sets itself, another net's name for these weights.
+COMBINED = {
+    "image_size": [[32, 32], [64, 64], [16, 16], [32, 64], [1, 1], [1024, 1024]],
+    "model_kwargs": [{}, {"num_classes": 10}, {"widths": [8, 8, 8]}, {"scaling_factor": 2.0}],
+    "model_name": ["blog_cnn", "airbench"],
+    "class_names": [[str(i) for i in range(10)], ["a", "b"], [str(i) for i in range(11)]],
+}
 
 
 def test_fuzz_checkpoints(trained_run, tmp_path):
@@ -202,12 +224,21 @@ def test_fuzz_checkpoints(trained_run, tmp_path):
     @FUZZ
     @given(
         st.dictionaries(st.sampled_from(CHECKPOINT_FIELDS), plain_values, min_size=1, max_size=3),
-        st.sampled_from(["replace", "artifact_key", "weight"]),
+        st.sampled_from(["replace", "artifact_key", "weight", "combined"]),
     )
     def check(changes: dict, how: str) -> None:
         doc = dict(state)
         if how == "replace":
             doc.update(changes)
+        elif how == "combined":  # two or three fields of the contract and the model, each plausible alone
+            artifact = dict(state["artifact"])
+            for key in rng.sample(sorted(COMBINED), rng.randint(2, 3)):
+                value = rng.choice(COMBINED[key])
+                if key == "model_kwargs":
+                    doc["model_kwargs"] = value
+                else:
+                    artifact[key] = value
+            doc["artifact"] = artifact
         elif how == "artifact_key":  # one key of the contract replaced
             artifact = dict(state["artifact"])
             artifact[rng.choice(sorted(artifact))] = next(iter(changes.values()))
@@ -237,3 +268,194 @@ def test_fuzz_checkpoints(trained_run, tmp_path):
 def _clean(tmp_path):
     yield
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CIFAR batch pickles: numpy array headers (shapes, dtypes, strides, offsets) inside data_batch files
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Reduced:
+    """Pickles as `callable(*args)` (then `__setstate__(state)` when a state is given)."""
+
+    def __init__(self, fn, args, state=None):
+        self.fn, self.args, self.state = fn, args, state
+
+    def __reduce__(self):
+        return (self.fn, self.args) if self.state is None else (self.fn, self.args, self.state)
+
+
+_DTYPES = ["u1", "i8", "f4", "O", "V7", "u1,u1", "(3072,)u1", "(1000000,)u1", "S1"]
+_sizes = st.integers(0, 12_000) | st.sampled_from([2**31, 2**40 // 3072, 2**62])
+_shapes = st.lists(_sizes, min_size=0, max_size=3).map(tuple) | st.tuples(_sizes, st.sampled_from([3072, 3071, 0]))
+
+
+def _array_headers():
+    """A pickled "array" built by one of the three ways the unpickler may meet: numpy's reconstruction with a
+    state (shape, dtype, raw bytes), numpy.ndarray called with a buffer, offset and strides, or _frombuffer."""
+    from numpy._core.multiarray import _reconstruct
+    from numpy._core.numeric import _frombuffer
+
+    raw = st.binary(max_size=64) | st.integers(0, 40_000).map(lambda n: bytes(n))
+
+    def rebuilt(shape, dtype, fortran, data):
+        return _Reduced(_reconstruct, (np.ndarray, (0,), b"b"), (1, shape, np.dtype(dtype), fortran, data))
+
+    reconstructed = st.builds(rebuilt, _shapes, st.sampled_from(_DTYPES), st.booleans(), raw)
+    called = st.builds(
+        lambda shape, dtype, data, offset, strides: _Reduced(np.ndarray, (shape, dtype, data, offset, strides)),
+        _shapes, st.sampled_from(_DTYPES), st.binary(min_size=1, max_size=16), st.integers(0, 8),
+        st.lists(st.sampled_from([0, 1, 3072, -1, 2**40]), max_size=3).map(tuple),
+    )  # fmt: skip
+    framed = st.builds(
+        lambda data, dtype, shape, order: _Reduced(_frombuffer, (data, np.dtype(dtype), shape, order)),
+        raw, st.sampled_from(["u1", "u2", "(3072,)u1"]), _shapes, st.sampled_from(["C", "F"]),
+    )  # fmt: skip
+    valid = st.integers(0, 40).map(lambda n: np.zeros((n, 3072), np.uint8))  # what a real batch holds
+    return reconstructed | called | framed | valid
+
+
+def test_fuzz_batch_pickles(tmp_path):
+    """Batch files whose `data` is any array header: each is read into a checked array or refused in one line,
+    and reading never holds much more than the file itself (tracemalloc sees numpy's allocations)."""
+    import pickle
+    import tracemalloc
+
+    from cifarkit.batches_py import read_arrays
+
+    counts = {"read": 0, "refused": 0}
+
+    @FUZZ
+    @given(
+        _array_headers(),
+        st.integers(0, 40).map(lambda n: [n % 10] * n) | st.lists(st.integers(0, 9), max_size=20) | st.integers(0, 10),
+        st.sampled_from([2, 4, 5]),
+    )
+    def check(data, labels, protocol) -> None:
+        path = tmp_path / "data_batch_1"
+        with open(path, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f, protocol=protocol)
+        tracemalloc.start()
+        try:
+            x, y = read_arrays(path)
+        except CifarkitError as exc:
+            one_line(str(exc))
+            assert str(path) in str(exc)
+            counts["refused"] += 1
+            return
+        finally:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB for a {path.stat().st_size:,}-byte file"
+        assert x.dtype == np.uint8 and x.shape[1:] == (32, 32, 3) and len(x) == len(y) <= 10_000
+        counts["read"] += 1
+
+    check()
+    print(f"batch pickle fuzz: {counts}")
+    assert counts["refused"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output targets: --output and standard output
+# ---------------------------------------------------------------------------------------------------------
+
+_TARGETS = ["new", "existing", "link", "dangling-link", "devnull", "devfull", "fifo-read", "fifo-unread", "folder",
+            "no-parent", "model", "input", "stdout-full", "stdout-closed", "stdout"]  # fmt: skip
+
+
+def test_fuzz_output_targets(exported, tmp_path):
+    """cifar-infer writing to every kind of target, in every format and with failures among its inputs: exit 0,
+    1 (some inputs failed) or 2 with one line; the model and the inputs unchanged; no temporary file left."""
+    import contextlib
+
+    from cifarkit.cli.infer import main
+    from cifarkit.streams import GuardedStream
+
+    model = tmp_path / "model.onnx"
+    shutil.copy(exported.paths["onnx"], model)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, img in enumerate(synthetic_images(3, seed=2)[0]):
+        Image.fromarray(img).save(inputs / f"{i}.png")
+    (inputs / "broken.jpg").write_bytes(b"not a jpeg")
+    frozen = {p: p.read_bytes() for p in [model, *inputs.iterdir()]}
+    counts: dict[int, int] = {}
+
+    @FUZZ
+    @given(st.sampled_from(_TARGETS), st.sampled_from(["table", "csv", "json", "jsonl"]), st.booleans())
+    def check(target: str, fmt: str, with_broken: bool) -> None:
+        work = tmp_path / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        out, stream, reader = _target(target, work, model, inputs)
+        args = [str(inputs if with_broken else inputs / "0.png"), "-m", str(model), "-f", fmt, "--progress", "none"]
+        args += ["--output", str(out)] if out is not None else []
+        err = io.StringIO()
+        saved = sys.stdout
+        sys.stdout = GuardedStream(stream)
+        try:
+            with contextlib.redirect_stderr(err):
+                try:
+                    code = main(args)
+                except SystemExit as exc:
+                    code = exc.code
+        finally:
+            sys.stdout = saved
+            if reader is not None:
+                reader.join(timeout=10)
+        counts[code] = counts.get(code, 0) + 1
+        lines = [line for line in err.getvalue().splitlines() if line.startswith("error: ")]
+        if code == 2:  # the last line says why; only inputs that failed before it are named above it
+            assert lines and lines == err.getvalue().splitlines(), err.getvalue()
+            assert all("broken.jpg" in line for line in lines[:-1]) and "broken.jpg" not in lines[-1]
+        else:
+            assert code == (1 if with_broken else 0), err.getvalue()
+        assert {p: p.read_bytes() for p in frozen} == frozen
+        assert not [p for p in work.rglob(".*.tmp")]
+
+    import sys
+
+    check()
+    print(f"output target fuzz: exit statuses {dict(sorted(counts.items()))}")
+    assert {0, 1, 2} <= set(counts)
+
+
+def _target(kind: str, work: Path, model: Path, inputs: Path):
+    """(--output or None, the stream standing for stdout, a reader thread to join or None) for a target kind."""
+    import threading
+
+    stdout = io.StringIO()
+    reader = None
+    if kind == "new":
+        return work / "out.txt", stdout, None
+    if kind == "existing":
+        (work / "out.txt").write_text("old\n")
+        return work / "out.txt", stdout, None
+    if kind == "link":
+        (work / "real.txt").write_text("old\n")
+        (work / "out.txt").symlink_to(work / "real.txt")
+        return work / "out.txt", stdout, None
+    if kind == "dangling-link":
+        (work / "out.txt").symlink_to(work / "missing" / "x.txt")
+        return work / "out.txt", stdout, None
+    if kind in ("devnull", "devfull"):
+        return Path(f"/dev/{kind[3:]}"), stdout, None
+    if kind.startswith("fifo"):
+        os.mkfifo(work / "out.fifo")
+        if kind == "fifo-read":
+            reader = threading.Thread(target=lambda: (work / "out.fifo").read_bytes(), daemon=True)
+            reader.start()
+        return work / "out.fifo", stdout, reader
+    if kind == "folder":
+        return work, stdout, None
+    if kind == "no-parent":
+        return work / "missing" / "out.txt", stdout, None
+    if kind == "model":
+        return model, stdout, None
+    if kind == "input":
+        return inputs / "0.png", stdout, None
+    if kind == "stdout-full":
+        return None, open("/dev/full", "w"), None  # noqa: SIM115 (the GuardedStream's; closed with the process)
+    if kind == "stdout-closed":
+        return None, None, None
+    return None, stdout, None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,19 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
+from cifarkit import batches_py
 from cifarkit.atomic import atomic_path
 from cifarkit.errors import CifarkitError, first_line
 from cifarkit.files import (
     IMAGE_EXTENSIONS,
-    NotRegularFile,
     chunked,
     default_threads,
     list_folder,
-    open_regular,
     ordered_map,
 )
 from cifarkit.preprocess import ImageError, load_image
-from cifarkit.spec import CIFAR10_CLASSES, IMAGE_SIZE, MAX_CLASSES, RESIZE_FILTER, RESIZE_MODE
+from cifarkit.spec import CIFAR10_CLASSES, IMAGE_SIZE, RESIZE_FILTER, RESIZE_MODE
 
 CACHE_VERSION = 1  # bump when the cached array layout or the preprocessing rule changes
 DEFAULT_SOURCE = "torchvision"
@@ -92,7 +90,7 @@ def load_data(
             )
         if not root.is_dir():
             raise CifarkitError(f"--data: {root} is not a folder")
-        batches = find_batches_py(root)
+        batches = batches_py.find_folder(root)
         if batches is not None:
             data = _load_batches_py(batches)
         elif (root / "train").is_dir() and (root / "test").is_dir():
@@ -153,8 +151,16 @@ def sample_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def _load_torchvision(cache_dir: Path) -> CifarData:
-    root = cache_dir / "torchvision"
-    existing = find_batches_py(root) if root.is_dir() else None
+    data = _load_batches_py(torchvision_folder(cache_dir))
+    data.kind = "torchvision"
+    return data
+
+
+def torchvision_folder(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The cifar-10-batches-py folder of torchvision's CIFAR-10 in `cache_dir` (default: default_data_dir()),
+    downloaded first if it is not there."""
+    root = Path(cache_dir if cache_dir is not None else default_data_dir()) / "torchvision"
+    existing = batches_py.find_folder(root) if root.is_dir() else None
     if existing is None:
         try:
             from torchvision.datasets import CIFAR10
@@ -166,118 +172,28 @@ def _load_torchvision(cache_dir: Path) -> CifarData:
                 "offline, pass a local copy: --data PATH, where PATH is an extracted cifar-10-batches-py "
                 "folder or an ImageFolder root with train/ and test/"
             ) from None
-        existing = find_batches_py(root)
+        existing = batches_py.find_folder(root)
         if existing is None:
             raise CifarkitError(f"--data torchvision: download finished but no data found under {root}")
-    data = _load_batches_py(existing)
-    data.kind = "torchvision"
-    return data
-
-
-def find_batches_py(root: Path) -> Path | None:
-    """The cifar-10-batches-py folder at `root` or just inside it, if there is one."""
-    for candidate in (root, root / "cifar-10-batches-py"):
-        if (candidate / "data_batch_1").is_file():
-            return candidate
-    return None
+    return existing
 
 
 def _load_batches_py(folder: Path) -> CifarData:
-    """The python pickles torchvision downloads: data_batch_1..5, test_batch, batches.meta. Read with a
-    restricted unpickler (read_batch): a crafted batch file cannot run code, it is refused."""
-    parts = [_batch_arrays(read_batch(folder / f"data_batch_{i}")) for i in range(1, 6)]
-    train_x, train_y = np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
-    test_x, test_y = _batch_arrays(read_batch(folder / "test_batch"))
-    classes = CIFAR10_CLASSES
-    meta_path = folder / "batches.meta"
-    if meta_path.exists():
-        meta = read_batch(meta_path)
-        names = meta.get(b"label_names") or meta.get("label_names")
-        if names:
-            classes = _class_names(names, meta_path)
-    top = max(int(train_y.max(initial=0)), int(test_y.max(initial=0)))
-    if min(int(train_y.min(initial=0)), int(test_y.min(initial=0))) < 0 or top >= len(classes):
-        raise CifarkitError(f"--data: {folder} has labels outside 0..{len(classes) - 1}")
+    """The python pickles torchvision downloads (cifarkit.batches_py: read as data only, within the format's
+    bounds): data_batch_1..5, test_batch, batches.meta."""
+    train_x, train_y = batches_py.read_split(folder, "train")
+    test_x, test_y = batches_py.read_split(folder, "test")
+    classes = batches_py.read_classes(folder, CIFAR10_CLASSES)
+    check_labels(folder, classes, train_y, test_y)
     return CifarData(train_x, train_y, test_x, test_y, classes, source=str(folder), kind="batches-py")
 
 
-MAX_BATCH_FILE_BYTES = 256 << 20  # a CIFAR-10 batch is 31 MB; CIFAR-100's single train file 155 MB
-
-
-class _BatchUnpickler(pickle.Unpickler):
-    """Admits only what CIFAR's python batches hold: dicts, lists, bytes, str, ints and numpy arrays (whose
-    pickles name numpy's array reconstructor, ndarray and dtype, and _codecs.encode for bytes pickled by
-    Python 3 at protocol 2). Any other global, which is how a pickle runs code, is refused."""
-
-    @staticmethod
-    def _allowed() -> dict[tuple[str, str], object]:
-        import codecs
-
-        from numpy._core import multiarray, numeric
-
-        return {
-            ("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,
-            ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct,
-            ("numpy.core.numeric", "_frombuffer"): numeric._frombuffer,
-            ("numpy._core.numeric", "_frombuffer"): numeric._frombuffer,
-            ("numpy", "ndarray"): np.ndarray,
-            ("numpy", "dtype"): np.dtype,
-            ("_codecs", "encode"): codecs.encode,
-        }
-
-    def find_class(self, module: str, name: str) -> object:
-        allowed = self._allowed()
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR batch never holds")
-        return allowed[(module, name)]
-
-
-def read_batch(path: Path) -> dict:
-    """One CIFAR python batch file as a dict, read as data only. A missing, irregular, oversized or crafted
-    file is a CifarkitError naming it."""
-    try:
-        with open_regular(path) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_BATCH_FILE_BYTES:
-                raise CifarkitError(f"--data: {path} is {size:,} bytes, too large for a CIFAR python batch")
-            data = _BatchUnpickler(f, encoding="bytes").load()
-    except FileNotFoundError:
-        raise CifarkitError(
-            f"--data: {path} is missing (a cifar-10-batches-py folder has data_batch_1..5, test_batch and batches.meta)"
-        ) from None
-    except NotRegularFile as exc:
-        raise CifarkitError(f"--data: {path} {exc.strerror}") from None
-    except pickle.UnpicklingError as exc:
-        raise CifarkitError(f"--data: {path} is refused: {first_line(exc)} (a pickle that could run code)") from None
-    except CifarkitError:
-        raise
-    except Exception as exc:  # truncated or foreign files: EOFError, ValueError, MemoryError, ...
-        raise CifarkitError(f"--data: {path} is not a CIFAR-10 python batch ({first_line(exc)})") from None
-    if not isinstance(data, dict):
-        raise CifarkitError(f"--data: {path} is not a CIFAR-10 python batch (holds a {type(data).__name__})")
-    return data
-
-
-def _batch_arrays(part: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 [N, 32, 32, 3], int64 [N]) from a batch dict, checked: uint8 rows of 3,072 pixels, one integer
-    label per row."""
-    x, y = part.get(b"data"), part.get(b"labels", part.get(b"fine_labels"))
-    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
-        got = f"{x.dtype} {list(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
-        raise CifarkitError(f"--data: a batch's 'data' is {got}, expected uint8 [N, 3072] (CIFAR's row layout)")
-    labels = np.asarray(y) if isinstance(y, (list, np.ndarray)) else None
-    if labels is None or labels.shape != (len(x),) or labels.dtype.kind not in "iu":
-        raise CifarkitError(f"--data: a batch's 'labels' must be {len(x)} integers, one per image")
-    x = x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CIFAR's planes -> [N, 32, 32, 3] pixels
-    return np.ascontiguousarray(x), labels.astype(np.int64)
-
-
-def _class_names(names: object, where: Path) -> tuple[str, ...]:
-    ok = isinstance(names, (list, tuple)) and 2 <= len(names) <= MAX_CLASSES
-    decoded = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names] if ok else []
-    if not ok or not all(isinstance(n, str) and 0 < len(n) <= 200 for n in decoded):
-        raise CifarkitError(f"--data: {where}'s label_names must be 2 to {MAX_CLASSES} names")
-    return tuple(decoded)
+def check_labels(folder: Path, classes: tuple[str, ...], *labels: np.ndarray) -> None:
+    """Every label indexes a class (a CifarkitError naming the folder otherwise)."""
+    low = min((int(y.min(initial=0)) for y in labels), default=0)
+    top = max((int(y.max(initial=0)) for y in labels), default=0)
+    if low < 0 or top >= len(classes):
+        raise CifarkitError(f"--data: {folder} has labels outside 0..{len(classes) - 1}")
 
 
 # ---- ImageFolder ----------------------------------------------------------------------------------------

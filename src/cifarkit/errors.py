@@ -26,3 +26,8 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     cut = line[: limit - 3]
     space = cut.rfind(" ")
     return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:") + "..."
+
+
+class StreamError(CifarkitError):
+    """Standard output (or an --output written as a stream) could not be written: closed, or a full or failing
+    device. One line and exit 2, like any bad input: nothing the program could do about it."""

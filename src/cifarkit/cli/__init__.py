@@ -124,12 +124,21 @@ def handle_signals() -> None:
 
 def console(main: Callable[[], int]) -> NoReturn:
     """Run a console script's main with the signal rules: SIGINT and SIGTERM end it within a moment, with
-    one line and exit 130 / 143, wherever they arrive (importing torch, parsing options, running)."""
+    one line and exit 130 / 143, wherever they arrive (importing torch, parsing options, running). Standard
+    output is guarded (cifarkit.streams): full or closed, it is one line and exit 2, whoever was writing."""
+    from cifarkit.errors import StreamError
+    from cifarkit.streams import GuardedStream
+
     handle_signals()
+    if not isinstance(sys.stdout, GuardedStream):
+        sys.stdout = GuardedStream(sys.stdout)
     try:
         code = main()
+        sys.stdout.flush()
     except KeyboardInterrupt as exc:
         interrupted(exc)
+    except StreamError as exc:  # written outside guarded(): a result printed at the end, the final flush
+        fail(str(exc))
     raise SystemExit(code)
 
 

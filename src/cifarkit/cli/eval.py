@@ -30,7 +30,8 @@ def run(cfg: EvalConfig, opts: Progress) -> int:
     from cifarkit.evaluation.stage import evaluate
     from cifarkit.evaluation.text import report_text
 
-    report, _ = run_reported(evaluate, cfg, opts.progress, debug=opts.debug, info=sys.stdout)
+    mode = "lines" if opts.progress == "none" else opts.progress  # the header is the report's, not progress
+    report, _ = run_reported(evaluate, cfg, mode, debug=opts.debug, info=sys.stdout)
     write_out(report_text(report))
     if cfg.out is not None:
         write_out(f"\nwrote {cfg.out}/: {', '.join(OUT_FILES)}")

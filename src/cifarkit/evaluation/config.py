@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cifarkit.errors import CifarkitError
-from cifarkit.infer.config import DEFAULT_BATCH_SIZE
+from cifarkit.infer.config import DEFAULT_BATCH_SIZE, DEFAULT_LOAD_TIMEOUT_S, LOAD_TIMEOUT_HELP, check_load_timeout
 from cifarkit.stage import REQUIRED, argument, option
 
 SPLITS = ("test", "train")
@@ -46,6 +46,7 @@ class EvalConfig:
         None, "--threads", help="Decoding threads; 0: the main thread. Default: cores + 1."
     )
     skip_unknown: bool = option(False, "--skip-unknown", help="Leave out class folders the model does not know.")
+    load_timeout: float = option(DEFAULT_LOAD_TIMEOUT_S, "--load-timeout", help=LOAD_TIMEOUT_HELP)  # seconds
     # Library-only settings:
     data_dir: str | None = None  # downloads and the extracted sample; None: $CIFARKIT_CACHE or ~/.cache/cifarkit
     bins: int = CALIBRATION_BINS  # calibration bins
@@ -61,6 +62,7 @@ class EvalConfig:
         for name, value in (("--top-k", self.top_k), ("--batch-size", self.batch_size)):
             if value is not None and value < 1:
                 raise CifarkitError(f"{name} must be at least 1, got {value}")
+        check_load_timeout(self.load_timeout)
         if self.threads is not None and self.threads < 0:
             raise CifarkitError(f"--threads must be 0 or more, got {self.threads}")
         if self.bins < 1 or self.mistakes < 0:

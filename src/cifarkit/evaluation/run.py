@@ -118,7 +118,8 @@ class Evaluation:
     def __init__(self, config: EvalConfig) -> None:
         config.validate()
         self.config = config
-        self.models = [open_model(config.model)] + ([open_model(config.model_b)] if config.model_b else [])
+        paths = [config.model] + ([config.model_b] if config.model_b else [])
+        self.models = [open_model(p, load_timeout=config.load_timeout) for p in paths]
         self.order_b = column_order(self.models[0], self.models[1]) if config.model_b else None
         self.class_names = tuple(self.models[0].meta.class_names)
         if config.top_k is not None and config.top_k > len(self.class_names):
@@ -145,18 +146,16 @@ class Evaluation:
         t0 = time.perf_counter()
         decode = _Decoder(rules)
         for sources, labels, pixels, bad in ordered_map(decode, chunked(self.data.items(), cfg.batch_size), threads):
+            raw = [self._outputs(i, pixels) for i in range(len(models))] if sources else []
+            sources, labels, pixels, raw, broken = _finite_only(sources, labels, pixels, raw, len(models) > 1)
+            bad = bad + broken  # unreadable images, then those a model gave no finite answer for
             failed += len(bad)
             failures.extend(f.message for f in bad[: max(0, FAILURES_KEPT - len(failures))])
             if not sources:
                 if on_batch is not None:
                     on_batch(BatchResult([], labels, [], [], bad))
                 continue
-            outs = []
-            for model, tally in zip(models, tallies, strict=True):
-                logits, probs = model.run(pixels[model.rule])
-                if model is not models[0] and self.order_b is not None:
-                    logits, probs = logits[:, self.order_b], probs[:, self.order_b]
-                outs.append((logits, probs, *tally.add(logits, probs, labels)))
+            outs = [(lo, pr, *tally.add(lo, pr, labels)) for (lo, pr), tally in zip(raw, tallies, strict=True)]
             if len(outs) == 2:
                 (_, pa, ya, _), (_, pb, yb, _) = outs
                 right_a, right_b = ya == labels, yb == labels
@@ -167,7 +166,7 @@ class Evaluation:
                 on_batch(BatchResult(sources, labels, [o[2] for o in outs], [o[3] for o in outs], bad))
         seconds = time.perf_counter() - t0
         if not tallies[0].confusion.sum():
-            raise CifarkitError(f"--data: none of the {failed:,} images could be read (see the errors above)")
+            raise CifarkitError(f"--data: none of the {failed:,} images could be evaluated (see the errors above)")
         reports = tuple(
             tally.report(model, self.class_names, mistakes.result() if i == 0 else ())
             for i, (model, tally) in enumerate(zip(models, tallies, strict=True))
@@ -181,6 +180,36 @@ class Evaluation:
             ("torch",) if any(m.kind != "onnx" for m in models) else ()
         )
         return EvalReport(self.data, reports, comparison, failed, tuple(failures), seconds, cfg, versions(*packages))
+
+    def _outputs(self, i: int, pixels: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Model i's (logits, probabilities) for a batch, its columns in the first model's class order."""
+        model = self.models[i]
+        logits, probs = model.run(pixels[model.rule])
+        if i and self.order_b is not None:
+            logits, probs = logits[:, self.order_b], probs[:, self.order_b]
+        return logits, probs
+
+
+def _finite_only(sources: list[str], labels: np.ndarray, pixels: dict, raw: list, two: bool) -> tuple:
+    """The batch without the images for which a model's output is not finite (NaN or Inf: a broken model must
+    not score an image), and a Failure for each of those, as cifar-infer reports them."""
+    ok = np.ones(len(sources), bool)
+    which = np.full(len(sources), -1)
+    for i, (logits, probs) in enumerate(raw):
+        bad = ~(np.isfinite(logits).all(axis=1) & np.isfinite(probs).all(axis=1))
+        which[bad & ok] = i
+        ok &= ~bad
+    if ok.all():
+        return sources, labels, pixels, raw, []
+    broken = [
+        Failure(src, f"{src}: {f'model {chr(65 + m)}' if two else 'the model'}'s output is not finite (NaN or Inf); "
+                "the model is broken")
+        for src, m in zip(sources, which.tolist(), strict=True) if m >= 0
+    ]  # fmt: skip
+    keep = np.flatnonzero(ok)
+    sources = [sources[j] for j in keep.tolist()]
+    pixels = {rule: px[keep] for rule, px in pixels.items()}
+    return sources, labels[keep], pixels, [(lo[keep], pr[keep]) for lo, pr in raw], broken
 
 
 class _Decoder:

@@ -12,12 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from cifarkit.data import SAMPLE_SOURCE, find_batches_py, load_data, sample_root
+from cifarkit import batches_py
+from cifarkit.data import SAMPLE_SOURCE, check_labels, sample_root, torchvision_folder
 from cifarkit.errors import CifarkitError, first_line
 from cifarkit.evaluation.config import SPLITS
 from cifarkit.files import IMAGE_EXTENSIONS, Failure, list_folder
-from cifarkit.infer import Classifier
-from cifarkit.spec import ArtifactMeta
+from cifarkit.infer.classifier import Classifier
+from cifarkit.infer.config import DEFAULT_LOAD_TIMEOUT_S
+from cifarkit.spec import CIFAR10_CLASSES, ArtifactMeta
 
 # ---------------------------------------------------------------------------------------------------------
 # Models: three kinds behind one interface; torch is imported only for the two that need it
@@ -58,12 +60,14 @@ def model_kind(path: str | os.PathLike[str]) -> str:
     raise CifarkitError(f"model {path} is a zip archive, but not a TorchScript model.pt or a checkpoint.pt")
 
 
-def open_model(path: str | os.PathLike[str], *, intra_op_threads: int | None = None) -> LoadedModel:
+def open_model(
+    path: str | os.PathLike[str], *, intra_op_threads: int | None = None, load_timeout: float = DEFAULT_LOAD_TIMEOUT_S
+) -> LoadedModel:
     """A cifarkit model.onnx (or a folder holding one), model.pt or checkpoint.pt, ready to run on uint8
     batches. Raises CifarkitError naming the file when it is missing or not a cifarkit artifact."""
     kind = model_kind(path)
     if kind == "onnx":
-        clf = Classifier.from_file(path, intra_op_threads=intra_op_threads)
+        clf = Classifier.from_file(path, intra_op_threads=intra_op_threads, load_timeout=load_timeout)
         return LoadedModel(clf.source, "onnx", clf.meta, clf.run)
     return _open_torchscript(os.fspath(path)) if kind == "torchscript" else _open_checkpoint(os.fspath(path))
 
@@ -155,7 +159,7 @@ def open_labelled(
     if split not in SPLITS:
         raise CifarkitError(f"--split must be test or train, got {split!r}")
     if source in ("torchvision", "download"):
-        return _from_arrays(source, load_data(source, data_dir), split, class_names, skip_unknown, "torchvision")
+        return _from_batches(source, torchvision_folder(data_dir), split, class_names, skip_unknown, "torchvision")
     if source == SAMPLE_SOURCE:
         root = sample_root(data_dir)
         return _from_folders(source, root / split, "sample", split, class_names, skip_unknown)
@@ -167,11 +171,19 @@ def open_labelled(
         )
     if not root.is_dir():
         raise CifarkitError(f"--data: {root} is not a folder")
-    if find_batches_py(root) is not None:
-        return _from_arrays(source, load_data(str(root), data_dir), split, class_names, skip_unknown, "batches-py")
-    if (root / "train").is_dir() and (root / "test").is_dir():
+    folder = batches_py.find_folder(root)
+    if folder is not None:
+        return _from_batches(source, folder, split, class_names, skip_unknown, "batches-py")
+    if _is_imagefolder_root(root, split):
         return _from_folders(source, root / split, "imagefolder", split, class_names, skip_unknown)
     return _from_folders(source, root, "class-folders", None, class_names, skip_unknown)
+
+
+def _is_imagefolder_root(root: Path, split: str) -> bool:
+    """An ImageFolder root: train/ and test/, or one of them alone with nothing beside it (a copy of the test
+    split only), when that one is `split`."""
+    _, folders, _ = list_folder(root)
+    return set(folders) == set(SPLITS) or (folders == [split] and split in SPLITS)
 
 
 def _unknown(where: str, class_names: tuple[str, ...]) -> CifarkitError:
@@ -181,28 +193,31 @@ def _unknown(where: str, class_names: tuple[str, ...]) -> CifarkitError:
     )
 
 
-def _from_arrays(
-    source: str, data: Any, split: str, class_names: tuple[str, ...], skip_unknown: bool, kind: str
+def _from_batches(
+    source: str, folder: Path, split: str, class_names: tuple[str, ...], skip_unknown: bool, kind: str
 ) -> LabelledImages:
-    x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
+    """The split of a cifar-10-batches-py folder: only its own batch files are read."""
+    x, y = batches_py.read_split(folder, split)
+    classes = batches_py.read_classes(folder, CIFAR10_CLASSES)
+    check_labels(folder, classes, y)
     index = {name: i for i, name in enumerate(class_names)}
-    mapping = np.full(len(data.classes), -1, np.int64)
+    mapping = np.full(len(classes), -1, np.int64)
     notes = []
-    for i, name in enumerate(data.classes):
+    for i, name in enumerate(classes):
         if name in index:
             mapping[i] = index[name]
         elif skip_unknown:
             notes.append(f"class {name!r} ({int((y == i).sum()):,} images) is not one of the model's: left out")
         else:
-            raise _unknown(f"class {name!r} of {data.source}", class_names)
+            raise _unknown(f"class {name!r} of {folder}", class_names)
     labels = mapping[y]
     keep = labels >= 0
     if not keep.all():
         x, labels = x[keep], labels[keep]
     if not len(labels):
-        raise CifarkitError(f"--data: {data.source} has no {split} images of the model's classes")
+        raise CifarkitError(f"--data: {folder} has no {split} images of the model's classes")
     present = tuple(c for i, c in enumerate(class_names) if (labels == i).any())
-    return LabelledImages(source, data.source, kind, split, present, len(labels), tuple(notes), pixels=x, labels=labels)
+    return LabelledImages(source, str(folder), kind, split, present, len(labels), tuple(notes), pixels=x, labels=labels)
 
 
 def _from_folders(

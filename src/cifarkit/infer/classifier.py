@@ -28,7 +28,7 @@ import numpy as np
 
 from cifarkit.errors import CifarkitError, first_line
 from cifarkit.files import MAX_THREADS, Blob, Failure, chunked, default_threads, ordered_map
-from cifarkit.infer.config import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE
+from cifarkit.infer.config import DEFAULT_BATCH_SIZE, DEFAULT_LOAD_TIMEOUT_S, MAX_BATCH_SIZE
 from cifarkit.infer.providers import CPU
 from cifarkit.infer.session import check_contract, open_session
 from cifarkit.preprocess import ImageError, is_pil_image, to_pixels
@@ -78,7 +78,13 @@ class Classifier:
     through IO binding (`io_binding`, which None turns on exactly there)."""
 
     def __init__(
-        self, session: Any, meta: ArtifactMeta, *, source: str = "<model>", io_binding: bool | None = None
+        self,
+        session: Any,
+        meta: ArtifactMeta,
+        *,
+        source: str = "<model>",
+        io_binding: bool | None = None,
+        load_timeout: float = DEFAULT_LOAD_TIMEOUT_S,
     ) -> None:
         check_contract(session, meta, source)
         self.session = session
@@ -91,25 +97,37 @@ class Classifier:
         self._io_binding = self.providers[0] != CPU if io_binding is None else io_binding
         self._runner = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cifarkit-onnx")  # see _session_run
         # A probe: the outputs' real shapes (a dynamic class dimension says nothing until run) are checked
-        # against the metadata before any image is read, not after a run has half-written its results.
+        # against the metadata before any image is read, not after a run has half-written its results; a model
+        # that does not answer one image within `load_timeout` seconds (0: no limit) is refused here.
         try:
-            self._run(np.zeros((1, *self.image_size, 3), np.uint8))
+            self._run(np.zeros((1, *self.image_size, 3), np.uint8), timeout=load_timeout or None)
         except CifarkitError:
             raise
+        except TimeoutError:
+            raise CifarkitError(
+                f"model {source} did not answer one image within {load_timeout:g} s when it was loaded; it is not "
+                "usable here (--load-timeout sets the limit, 0 none)"
+            ) from None
         except Exception as exc:  # onnxruntime's own error types
             raise CifarkitError(f"model {source} cannot run ({first_line(exc)})") from None
 
     @classmethod
     def from_file(
-        cls, path: str | os.PathLike[str], *, intra_op_threads: int | None = None, device: str = "auto"
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        intra_op_threads: int | None = None,
+        device: str = "auto",
+        load_timeout: float = DEFAULT_LOAD_TIMEOUT_S,
     ) -> Classifier:
         """Load model.onnx (or a folder holding one) on `device`: "auto" (TensorRT, then CUDA, then the CPU, as
         the installed onnxruntime offers; the CPU with the standard onnxruntime package), "cpu", "cuda" or
         "tensorrt" (cifarkit.infer.providers). Raises CifarkitError if the model is missing, not ONNX, or not a
         cifarkit export (input `images` uint8 [N, H, W, 3] and cifarkit metadata), or if `device` is not
-        available (the message says what to install)."""
+        available (the message says what to install), or if it does not answer one image within `load_timeout`
+        seconds (0: no limit)."""
         session, meta, path = open_session(path, intra_op_threads=intra_op_threads, device=device)
-        return cls(session, meta, source=path)
+        return cls(session, meta, source=path, load_timeout=load_timeout)
 
     def __repr__(self) -> str:
         h, w = self.image_size
@@ -148,11 +166,11 @@ class Classifier:
             )
         return np.ascontiguousarray(batch)
 
-    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, batch: np.ndarray, timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         if OUTPUT_NAMES[1] in self._outputs:
-            logits, probs = self._session_run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+            logits, probs = self._session_run(list(OUTPUT_NAMES), {INPUT_NAME: batch}, timeout)
         else:  # a model with logits only: the softmax here is the graph's
-            (logits,) = self._session_run([OUTPUT_NAMES[0]], {INPUT_NAME: batch})
+            (logits,) = self._session_run([OUTPUT_NAMES[0]], {INPUT_NAME: batch}, timeout)
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
             probs = e / e.sum(axis=1, keepdims=True)
         if logits.shape != (len(batch), len(self.labels)) or probs.shape != logits.shape:
@@ -162,10 +180,13 @@ class Classifier:
             )
         return logits, probs
 
-    def _session_run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _session_run(
+        self, names: list[str], feeds: dict[str, np.ndarray], timeout: float | None = None
+    ) -> list[np.ndarray]:
         """session.run in a worker thread: the calling thread waits interruptibly, so Ctrl-C and SIGTERM reach
-        it at once even while onnxruntime runs a long graph (a crafted Loop), and the abandoned run is told to
-        stop (RunOptions.terminate). Costs a thread hand-off, ~30 us, per batch."""
+        it at once even while onnxruntime runs a long graph (a crafted Loop), and the abandoned run (or one
+        over `timeout` seconds: TimeoutError) is told to stop (RunOptions.terminate). Costs a thread hand-off,
+        ~30 us, per batch."""
         import onnxruntime as ort
 
         options = ort.RunOptions()
@@ -174,7 +195,7 @@ class Classifier:
         options.log_severity_level = 4
         future = self._runner.submit(self._call, names, feeds, options)
         try:
-            return future.result()
+            return future.result(timeout=timeout)
         except BaseException:
             options.terminate = True
             raise

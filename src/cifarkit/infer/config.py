@@ -19,6 +19,10 @@ from cifarkit.stage import argument, option
 # batches to keep every decoding thread busy, and the first rows come out sooner.
 DEFAULT_BATCH_SIZE = 128
 MAX_BATCH_SIZE = 4096  # images per call at most: the blog CNN's activations are ~100 KB an image
+# Seconds a model may take to answer its load-time check (one image): airbench with its 6-pass TTA takes ~0.02 s
+# on a 2-core CPU; a graph that spins for ever (a crafted Loop) is refused after this long instead of hanging.
+DEFAULT_LOAD_TIMEOUT_S = 30.0
+LOAD_TIMEOUT_HELP = "Seconds the model may take to answer one image when it is loaded (its check); 0: no limit."
 FORMATS = ("table", "csv", "json", "jsonl", "parquet")
 ENGINES = ("local", "ray")
 
@@ -79,6 +83,7 @@ class InferConfig:
     ray_actors: int | None = option(
         None, "--ray-actors", help="With --engine ray: actors, 1 CPU each. Default: one per CPU."
     )
+    load_timeout: float = option(DEFAULT_LOAD_TIMEOUT_S, "--load-timeout", help=LOAD_TIMEOUT_HELP)  # seconds
 
     def validate(self) -> None:
         """The options' own rules, before the model is loaded (CifarkitError naming the option)."""
@@ -94,6 +99,7 @@ class InferConfig:
             raise CifarkitError(f"--threads must be 0 to {MAX_THREADS}, got {self.threads}")
         if self.top_k < 1:
             raise CifarkitError(f"--top-k must be at least 1, got {self.top_k}")
+        check_load_timeout(self.load_timeout)
         if self.device not in DEVICES:
             raise CifarkitError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         self._check_engine()
@@ -115,3 +121,8 @@ class InferConfig:
             raise CifarkitError(
                 f"--engine ray runs the model on the actors' CPUs; --device {self.device} is for the local engine"
             )
+
+
+def check_load_timeout(seconds: float) -> None:
+    if not (0 <= seconds <= 86_400):  # NaN fails both
+        raise CifarkitError(f"--load-timeout must be 0 (no limit) to 86,400 seconds, got {seconds}")

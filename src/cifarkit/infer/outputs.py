@@ -25,6 +25,7 @@ from typing import IO, Any
 
 from cifarkit.errors import CifarkitError
 from cifarkit.files import file_kind, has_image_extension
+from cifarkit.streams import GuardedStream
 
 
 class StdoutProxy:
@@ -115,8 +116,14 @@ def text_output(output: str | None, stream: IO[str] | None = None) -> Iterator[A
             why = "a FIFO that no process reads; start its reader first" if exc.errno == errno.ENXIO else exc.strerror
             raise CifarkitError(f"--output {output}: cannot write to it ({why})") from None
         os.set_blocking(fd, True)
-        with open(fd, "w", encoding="utf-8", newline="") as f:
-            yield f
+        f = open(fd, "w", encoding="utf-8", newline="")  # noqa: SIM115 (closed below, whatever happens)
+        try:
+            guarded = GuardedStream(f, f"--output {output}")  # a full device: one line naming the option
+            yield guarded
+            guarded.flush()
+        finally:
+            with contextlib.suppress(OSError):
+                f.close()
         return
     from cifarkit.atomic import atomic_path  # only for a file: tempfile is not loaded for stdout
 

@@ -74,7 +74,7 @@ def _load(cfg: InferConfig, rep: Reporter) -> Classifier:
     the model runs on the CPU)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ProviderFallbackWarning)
-        clf = Classifier.from_file(cfg.model, device=cfg.device)  # type: ignore[arg-type] (validate: not None)
+        clf = Classifier.from_file(cfg.model, device=cfg.device, load_timeout=cfg.load_timeout)  # type: ignore[arg-type]
     for w in caught:
         if issubclass(w.category, ProviderFallbackWarning):
             rep.note(str(w.message), "warning")
