@@ -180,14 +180,16 @@ def test_every_reader_refuses_a_checkpoint_its_model_cannot_be_built_from(
 
 
 class _StridedView:
-    """Pickles as numpy.ndarray((rows, 3072), uint8, buffer=b"x", strides=(0, 0)): a zero-stride view of one
-    byte that claims `rows` images (what the probe's 277-byte data_batch_1 held)."""
+    """Pickles as numpy.ndarray(shape, dtype, buffer=8 bytes, strides=0): a zero-stride view of a few bytes that
+    claims `rows` rows of `width` values (width 0: a vector). The probe's 277-byte data_batch_1 held such pixels,
+    and such labels, so that they matched."""
 
-    def __init__(self, rows: int) -> None:
-        self.rows = rows
+    def __init__(self, rows: int, width: int = 3072, dtype: str = "u1") -> None:
+        self.rows, self.width, self.dtype = rows, width, dtype
 
     def __reduce__(self):
-        return (np.ndarray, ((self.rows, 3072), "u1", b"x", 0, (0, 0)))  # dtype by name: numpy.uint8 is refused
+        shape, strides = ((self.rows, self.width), (0, 0)) if self.width else ((self.rows,), (0,))
+        return (np.ndarray, (shape, self.dtype, bytes(8), 0, strides))  # dtype by name: numpy.uint8 is refused
 
 
 class _ClaimedArray:
@@ -204,11 +206,14 @@ class _ClaimedArray:
 
 
 def crafted_batches(folder: Path, data: object) -> Path:
-    """A cifar-10-batches-py folder whose data_batch_1 (and test_batch) hold `data` as their pixel array."""
+    """A cifar-10-batches-py folder whose data_batch_1 (and test_batch) hold `data` as their pixel array, and as
+    many labels as it claims rows (a zero-stride view for a zero-stride view)."""
     write_batches_py(folder, n_train=50, n_test=10)
+    rows = data.rows if isinstance(data, (_StridedView, _ClaimedArray)) else len(data)
+    labels = _StridedView(rows, width=0, dtype="i8") if isinstance(data, _StridedView) else [0] * min(rows, 10_001)
     for name in ("data_batch_1", "test_batch"):
         with open(folder / name, "wb") as f:
-            pickle.dump({b"data": data, b"labels": [0] * 10}, f, protocol=2)
+            pickle.dump({b"data": data, b"labels": labels}, f, protocol=2)
     return folder
 
 

@@ -52,6 +52,12 @@ class Net(nn.Module):
         """Data-dependent initialisation from uint8 [N, H, W, 3] training images (unaugmented), normalized
         with `mean` and `std` ([1, 3, 1, 1]) as training will. Default: nothing to do."""
 
+    def side_range(self) -> tuple[int, int] | None:
+        """The image sides, in pixels (height and width alike), this net takes: what its poolings leave must
+        fit its classifier. None: any. Checked without running the net (tests/test_models.py holds each net's
+        answer against real forward passes)."""
+        return None
+
 
 class BlogCNN(Net):
     """The blog's CNN, exactly: conv 3->16->32->64 (3x3, stride 1, padding 1), ReLU after each, one shared
@@ -67,6 +73,9 @@ class BlogCNN(Net):
         self.fc1 = nn.Linear(64 * 4 * 4, 64)
         self.fc2 = nn.Linear(64, num_classes)
         self.relu = nn.ReLU()
+
+    def side_range(self) -> tuple[int, int]:
+        return (32, 39)  # three 2x2 poolings must leave 4 pixels a side: fc1 takes 64 * 4 * 4 features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, 3, 32, 32] float, normalized
         x = self.pool(self.relu(self.conv1(x)))  # [N, 16, 16, 16]
@@ -150,6 +159,11 @@ class AirbenchNet(Net):
         x = self.block3(self.block2(self.block1(x)))  # [N, 256, 3, 3]
         x = torch.flatten(self.head_pool(x), 1)  # [N, 256]
         return self.fc(x) * self.scaling_factor
+
+    def side_range(self) -> tuple[int, int]:
+        # The 2x2 whitening conv takes a pixel, three 2x2 poolings halve, and the 3x3 head pooling must leave one
+        # pixel: floor(floor(floor((side - 1) / 2) / 2) / 2) in 3..5.
+        return (25, 48)
 
     def param_groups(self, recipe: Recipe) -> list[ParamGroup]:
         """airbench's groups: BatchNorm biases learn `bias_lr_scale` times faster; the whitening bias trains
