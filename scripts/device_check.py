@@ -73,12 +73,13 @@ class Plan:
     infer_batch: int  # images per call when measuring inference
     min_timed_s: float  # one timed repeat lasts at least this long
     compile_allowance_s: float  # a compiled run's budget beyond the eager run's duration
+    variant_images: int  # labelled test images (and training images calibrating int8) of the compact variants
 
 
 FULL = Plan(False, {"blog": None, "airbench": None}, {"blog": None, "airbench": None}, (0, 0), 256,
-            {"blog": 2000, "airbench": 1000}, 4096, 0.3, 150.0)  # fmt: skip
+            {"blog": 2000, "airbench": 1000}, 4096, 0.3, 150.0, 2000)  # fmt: skip
 QUICK = Plan(True, {"blog": 1, "airbench": 1}, {"blog": None, "airbench": 64}, (32, 10), 8,
-             {"blog": 100, "airbench": 16}, 8, 0.02, 20.0)  # fmt: skip
+             {"blog": 100, "airbench": 16}, 8, 0.02, 20.0, 32)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def export_recipe(checkpoint: str, out: Path, test_x: Any, plan: Plan) -> tuple[
     """cifar-export's own path: both formats, each verified on the CPU against the eager model."""
     from cifarkit.export import ExportConfig, export
 
-    cfg = ExportConfig(checkpoint=checkpoint, out=str(out), verify_count=plan.verify_images)
+    cfg = ExportConfig(checkpoint=checkpoint, out=str(out), verify_images=plan.verify_images, speed=False)
     res = export(cfg, images=test_x[: plan.verify_images])
     checks = [
         {"format": c.fmt, "images": c.images, "max_abs_logit_diff": c.max_abs_diff, "same_classes": c.same_classes}
@@ -367,6 +368,36 @@ def onnxruntime_speed(paths: dict[str, Path], data: Any, plan: Plan) -> dict[str
     return {"providers": list(clf.providers), "batch": n, "threads": os.cpu_count(), "images_per_s": rate}
 
 
+def compact_variants(checkpoint: str, root: Path, work: Path, plan: Plan) -> dict[str, Any]:
+    """cifar-export's int8 and fp16 variants of the model, each measured against the fp32 model on labelled test
+    images (the first plan.variant_images) and timed against it on this machine's CPU (--max-drop 100: the
+    figures are the point here, not the gate)."""
+    from cifarkit.export import ExportConfig, export
+
+    out: dict[str, Any] = {}
+    for name, how in (("int8", {"quantize": "int8"}), ("fp16", {"precision": "fp16"})):
+        cfg = ExportConfig(
+            checkpoint=checkpoint, format="onnx", out=str(work / name), data=str(root), data_dir=str(work / "cache"),
+            verify_images=plan.variant_images, max_drop=100.0, calibration_images=plan.variant_images,
+            speed=not plan.quick, **how,
+        )  # fmt: skip
+        res = export(cfg)
+        out[name] = {
+            "labelled_verification": res.accuracy.to_dict() if res.accuracy else None,
+            "table": [
+                {
+                    "artifact": r.artifact,
+                    "bytes": r.size,
+                    "accuracy": r.accuracy,
+                    "images_per_s": r.images_per_s,
+                    "ratio": r.ratio,
+                }
+                for r in res.table
+            ],  # fmt: skip
+        }
+    return out
+
+
 def compiled_run(spec: dict[str, Any], eager: dict[str, Any], work: Path, plan: Plan, timeout_s: float) -> dict:
     """The same recipe with torch.compile, in a child process with a hard timeout (a compile that runs long
     must not eat the rest of the budget); compared with the eager run epoch by epoch. Under --quick the
@@ -453,6 +484,13 @@ def run(device: Any, archives: Path, report: Report, work: Path, plan: Plan) -> 
         report.data["onnxruntime"][r] = report.phase(
             f"onnxruntime_{r}", lambda p=paths: onnxruntime_speed(p, data, plan), optional=True, needs_s=10.0
         )
+    report.data["variants"] = {}
+    for r in artifacts:
+        ckpt = trained[r][1]
+        report.data["variants"][r] = report.phase(
+            f"variants_{r}", lambda c=ckpt, r=r: compact_variants(c, root, work / f"{r}-variants", plan),
+            optional=True, needs_s=30.0,
+        )  # fmt: skip
 
 
 def headline(d: dict[str, Any]) -> dict[str, Any]:
@@ -468,6 +506,10 @@ def headline(d: dict[str, Any]) -> dict[str, Any]:
         "blog_median_s_per_epoch": rec.get("blog", {}).get("median_s_per_epoch"),
         "blog_test_accuracy": rec.get("blog", {}).get("test_accuracy"),
         "torchscript_images_per_s": {r: (v or {}).get("torchscript_fp32_images_per_s") for r, v in inf.items()},
+        "int8_speed_vs_fp32_cpu": {
+            r: (v or {}).get("int8", {}).get("table", [{}, {}])[-1].get("ratio")
+            for r, v in (d.get("variants") or {}).items()
+        },
         "published_reference": PUBLISHED,
     }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -141,3 +142,19 @@ def real_run(tmp_path_factory):
         device="cpu",
     )
     return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def variants(tmp_path_factory, trained_run, batches_py) -> dict[str, Any]:
+    """The fp32 export of `trained_run` and its int8, fp16 and hflip-TTA variants, each verified on the synthetic
+    data set (cifar-export's own path: calibration, labelled verification, metadata)."""
+    out = {}
+    for name, settings in (
+        ("fp32", {}),
+        ("int8", {"quantize": "int8"}),
+        ("fp16", {"precision": "fp16"}),
+        ("tta-hflip", {"tta": "hflip"}),
+    ):
+        folder = tmp_path_factory.mktemp(name)
+        out[name] = export_checkpoint(trained_run.checkpoint, folder, format="onnx", data=str(batches_py), **settings)
+    return out

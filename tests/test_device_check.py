@@ -51,7 +51,7 @@ def test_quick_check_passes_every_phase(quick):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert report["status"] == "ok" and report["mode"] == "quick" and report["device"] == "cpu"
     expected = {"environment", "data"} | {
-        f"{phase}_{recipe}" for phase in ("train", "export", "parity", "inference", "onnxruntime")
+        f"{phase}_{recipe}" for phase in ("train", "export", "parity", "inference", "onnxruntime", "variants")
         for recipe in ("blog", "airbench")
     } | {"compile_airbench"}  # fmt: skip
     assert set(report["phases"]) == expected
@@ -78,6 +78,9 @@ def test_quick_check_figures(quick):
         assert parity["onnx_vs_eager_device"]["max_abs_logit_diff"] < 1e-4
         assert report["inference"][recipe]["torchscript_fp32_images_per_s"] > 0
         assert report["onnxruntime"][recipe]["images_per_s"] > 0
+        for variant in ("int8", "fp16"):  # cifar-export's variants, verified on labelled test images
+            checked = report["variants"][recipe][variant]["labelled_verification"]
+            assert checked["images"] == 32 and 0 <= checked["accuracy"] <= 1
     compiled = report["compile"]["airbench"]
     assert compiled["compiler"].startswith("disabled") and compiled["compiled"]["compile"] is True
     assert set(report["clocks"]) == {"train_s", "elapsed_s", "wall_s"}

@@ -265,6 +265,19 @@ def test_node_predictions_equal_cifar_infer(node_example, model, cifar_sized, od
         _assert_same_answers(r, want[r["path"]], r["path"])
 
 
+@pytest.mark.parametrize("variant", ["int8", "fp16"])
+def test_node_runs_the_compact_variants_like_python(node_example, variants, cifar_sized, odd_images, variant):
+    # cifar-export's int8 (QDQ) and fp16 models keep the contract: the Node example runs them unchanged, and
+    # onnxruntime-node answers as Python's onnxruntime does, probability for probability.
+    model = variants[variant].paths["onnx"]
+    paths = _real_test_images(per_class=2) + cifar_sized + odd_images
+    want = _cifar_infer(model, paths)
+    got = json.loads(_classify_node(model, paths, "--format", "json", "--top-k", "3").stdout)
+    assert [r["path"] for r in got] == [str(p) for p in paths]
+    for r in got:
+        _assert_same_answers(r, want[r["path"]], f"{variant} {r['path']}")
+
+
 def test_node_model_input_equals_pillow_pixel_for_pixel(node_example, model, cifar_sized, odd_images, tmp_path):
     from cifarkit.preprocess import load_image
 
@@ -442,18 +455,8 @@ class _PageServer:
         self.thread.join(timeout=10)
 
 
-def test_web_page_shows_the_same_top_label_as_cifar_infer(web_example, model, cifar_sized, odd_images, tmp_path):
-    from cifarkit.preprocess import load_image
-
-    # 32x32 images reach the model unresized: the label must be cifar-infer's. One image of each kind that
-    # needs resizing and one with alpha go through the same resampler (cifarkit.js), so their pixels must be
-    # Pillow's too. A real CIFAR photo, when there is one, is last: it is what the screenshot shows.
-    by_name = {p.name: p for p in odd_images}
-    images = cifar_sized[:3] + [by_name["wide.png"], by_name["tall.png"], by_name["big.png"]]
-    images += _real_test_images(per_class=1)[3:4]  # a cat, if CIFARKIT_DATA is set
-    want = _cifar_infer(model, images)
-    screenshot = tmp_path / "web-page.png"
-
+def _classify_in_browser(web_example: Path, model: Path, images: list[Path], screenshot: Path) -> list[dict]:
+    """The page's answer for each image, picked through its file input in headless Chromium (tests/e2e.mjs)."""
     with _PageServer(web_example, model) as server:
         proc = subprocess.run(
             [shutil.which("node"), "tests/e2e.mjs", "--url", server.url, "--screenshot", str(screenshot),
@@ -466,6 +469,21 @@ def test_web_page_shows_the_same_top_label_as_cifar_infer(web_example, model, ci
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["image"] for r in results] == [str(p) for p in images]
+    return results
+
+
+def test_web_page_shows_the_same_top_label_as_cifar_infer(web_example, model, cifar_sized, odd_images, tmp_path):
+    from cifarkit.preprocess import load_image
+
+    # 32x32 images reach the model unresized: the label must be cifar-infer's. One image of each kind that
+    # needs resizing and one with alpha go through the same resampler (cifarkit.js), so their pixels must be
+    # Pillow's too. A real CIFAR photo, when there is one, is last: it is what the screenshot shows.
+    by_name = {p.name: p for p in odd_images}
+    images = cifar_sized[:3] + [by_name["wide.png"], by_name["tall.png"], by_name["big.png"]]
+    images += _real_test_images(per_class=1)[3:4]  # a cat, if CIFARKIT_DATA is set
+    want = _cifar_infer(model, images)
+    screenshot = tmp_path / "web-page.png"
+    results = _classify_in_browser(web_example, model, images, screenshot)
 
     for r, path in zip(results, images, strict=True):
         expected = want[str(path)]
@@ -487,3 +505,18 @@ def test_web_page_shows_the_same_top_label_as_cifar_infer(web_example, model, ci
     if out_dir := os.environ.get("CIFARKIT_SCREENSHOT_DIR"):
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         shutil.copy(screenshot, Path(out_dir) / screenshot.name)
+
+
+@pytest.mark.parametrize("variant", ["int8", "fp16"])
+def test_web_page_runs_the_compact_variants_like_python(web_example, variants, cifar_sized, variant, tmp_path):
+    # The int8 model's integer kernels in WebAssembly and the fp16 model's Cast nodes must give what Python's
+    # onnxruntime gives on the same pixels (32x32 images reach the model unresized).
+    model = variants[variant].paths["onnx"]
+    images = cifar_sized[:4] + _real_test_images(per_class=1)[:2]
+    want = _cifar_infer(model, images)
+    for r, path in zip(_classify_in_browser(web_example, model, images, tmp_path / "page.png"), images, strict=True):
+        expected, shown = want[str(path)], r["top"]
+        assert [s["label"] for s in shown] == [t["label"] for t in expected["top_k"]], (
+            f"{variant} {path.name}: {shown} {expected}"
+        )
+        assert abs(shown[0]["probability"] - expected["probability"]) <= PROB_TOL, f"{variant} {path.name}"

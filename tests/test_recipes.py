@@ -104,7 +104,7 @@ def test_short_airbench_run_exports_with_tta_inside(tmp_path, batches_py):
     assert metrics.accuracy == state.metrics["accuracy"] == result.metrics.accuracy
     assert metrics.accuracy == pytest.approx(artifact.test_accuracy, abs=1e-6)
 
-    exported = export_checkpoint(result.checkpoint, tmp_path / "art", format="onnx", verify_count=16)
+    exported = export_checkpoint(result.checkpoint, tmp_path / "art", format="onnx", verify_images=16)
     assert exported.meta.tta == "hflip_translate"
     session = ort.InferenceSession(str(exported.paths["onnx"]), providers=["CPUExecutionProvider"])
     got = session.run(["logits"], {"images": x[1000:]})[0]

@@ -7,7 +7,17 @@ message (a traceback with --debug).
 
 
 class CifarkitError(Exception):
-    """A problem the user can act on. The message names the file or option and what was expected."""
+    """A problem the user can act on. The message names the file or option and what was expected. The command
+    line prints it as one line and exits with `exit_code` (2: bad input, nothing written)."""
+
+    exit_code = 2
+
+
+class GateError(CifarkitError):
+    """A result that was made but not good enough to keep (an int8 model losing more accuracy than --max-drop):
+    nothing written, exit 1, the figures in the message."""
+
+    exit_code = 1
 
 
 class Terminated(KeyboardInterrupt):

@@ -58,6 +58,7 @@ TTA_MODES = ("none", "hflip", "hflip_translate")  # test-time augmentation insid
 
 MAX_CLASSES = 10_000  # a bound on class counts read from data, checkpoints and metadata
 MAX_IMAGE_SIDE = 1024  # pixels; a bound on image_size read from a checkpoint or a model's metadata
+MAX_VARIANT_JSON = 65_536  # characters: what an export records of how it made its artifact
 
 SCHEMA = "cifarkit.artifact/1"
 ARTIFACT_JSON_NAME = "model.json"  # the sidecar, and the extra file inside the TorchScript archive
@@ -86,6 +87,11 @@ class ArtifactMeta:
     test_accuracy: float | None = None  # fraction in [0, 1], from the checkpoint's test metrics
     checkpoint_sha256: str = ""
     versions: dict[str, str] = field(default_factory=dict)  # cifarkit, torch, onnx, ...
+    # What an export made of the checkpoint's fp32 model, when it is not that model itself: "precision" ("fp16" or
+    # "int8"), "quantization" (how: format, weights, activations, calibration images), "tta" (chosen at export)
+    # and "verification" (accuracy against the fp32 model on labelled images, the drop, the classes agreed on).
+    # Empty for the fp32 model with the recipe's TTA.
+    variant: dict[str, object] = field(default_factory=dict)
     schema: str = SCHEMA
 
     # ---- plain-data form (checkpoints) ----------------------------------------------------------------
@@ -183,6 +189,11 @@ class ArtifactMeta:
         acc = self.test_accuracy
         if acc is not None and not (_is_number(acc) and 0 <= acc <= 1):
             raise ValueError(f"metadata 'test_accuracy' must be a fraction in [0, 1] or null, got {_short(acc)}")
+        variant = self.variant
+        if not (isinstance(variant, dict) and all(isinstance(k, str) for k in variant)):
+            raise ValueError("metadata 'variant' must map names to values")
+        if len(json.dumps(variant, default=str)) > MAX_VARIANT_JSON:
+            raise ValueError(f"metadata 'variant' is over {MAX_VARIANT_JSON:,} characters of JSON")
         vers = self.versions
         if not (
             isinstance(vers, dict)

@@ -48,7 +48,7 @@ def guarded(fn: Callable[[], T], *, debug: bool) -> T:
     except CifarkitError as exc:
         if debug:
             _traceback()
-        fail(str(exc), EXIT_USAGE)
+        fail(str(exc), exc.exit_code)
     except KeyboardInterrupt as exc:
         interrupted(exc)
     except Exception as exc:  # a bug or an environment problem: say what, point at --debug

@@ -5,8 +5,11 @@
 
     config.py    ExportConfig and its checks (no torch)
     formats.py   ONNX and TorchScript bytes with cifarkit's metadata, and their runners
-    verify.py    an artifact against the eager model, at several batch sizes
-    run.py       export(): load and check the checkpoint, build, verify every format, write the set
+    compress.py  fp16 weights and int8 static quantization of a verified fp32 ONNX model
+    verify.py    an artifact against the eager model (exact), or against the fp32 model on labelled images;
+                 images/s for the closing table
+    triton.py    a Triton model repository (config.pbtxt, labels, version 1)
+    run.py       export(): load and check the checkpoint, build, check, compress, gate, tabulate, write
 
 Names are imported lazily, so that `cifarkit.export.config` stays torch-free. Export imports nothing from
 training (cifarkit.train): the checkpoint (cifarkit.model) is all it reads.
@@ -21,6 +24,8 @@ _EXPORTS = {
     "FORMATS": "config",
     "DEFAULT_OPSET": "config",
     "ExportResult": "run",
+    "TableRow": "run",
+    "Accuracy": "verify",
     "export": "run",
     "FILE_NAMES": "run",
     "load_torchscript": "formats",

@@ -53,7 +53,6 @@ def onnx_bytes(model: DeployedModel, meta: ArtifactMeta, opset: int = DEFAULT_OP
     The dynamo exporter first; if it fails, the legacy TorchScript-based exporter, and a note saying so."""
     import onnx
 
-    h, w = meta.image_size
     example = torch.from_numpy(reference_inputs(meta, count=2))  # batch >= 2: a batch of 1 gets specialized
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="cifarkit-onnx-") as tmp:
@@ -93,6 +92,16 @@ def onnx_bytes(model: DeployedModel, meta: ArtifactMeta, opset: int = DEFAULT_OP
         if any(name != "model.onnx" for name in os.listdir(tmp)):
             raise CifarkitError("ONNX export wrote external data files; expected one self-contained file")
         proto = onnx.load(path)
+    return with_metadata(proto.SerializeToString(), meta), notes
+
+
+def with_metadata(payload: bytes, meta: ArtifactMeta) -> bytes:
+    """The ONNX model `payload` carrying `meta` as its metadata_props (any earlier ones replaced), a doc string
+    that states the contract, and cifarkit as its producer; checked by onnx.checker (full check)."""
+    import onnx
+
+    h, w = meta.image_size
+    proto = onnx.load_from_string(payload)
     del proto.metadata_props[:]
     for key, value in meta.to_props().items():
         entry = proto.metadata_props.add()
@@ -105,7 +114,7 @@ def onnx_bytes(model: DeployedModel, meta: ArtifactMeta, opset: int = DEFAULT_OP
     proto.producer_name = "cifarkit"
     proto.producer_version = __version__
     onnx.checker.check_model(proto, full_check=True)
-    return proto.SerializeToString(), notes
+    return proto.SerializeToString()
 
 
 def onnx_runner(payload: bytes) -> Callable[[np.ndarray], np.ndarray]:

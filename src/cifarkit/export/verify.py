@@ -70,3 +70,75 @@ def compare(
             worst = max(worst, float(np.max(np.abs(got - want))) if got.size else 0.0)
             same = same and bool(np.array_equal(got.argmax(1), want.argmax(1)))
     return Verification(fmt, tuple(batch_sizes), len(images), worst, same)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Artifacts that cannot match fp32 exactly: accuracy on labelled images, against the fp32 model
+# ---------------------------------------------------------------------------------------------------------
+
+LABELLED_BATCH = 256  # images a call when measuring accuracy
+
+
+@dataclass
+class Accuracy:
+    """An artifact against the fp32 eager model (the checkpoint's own test-time augmentation) on labelled
+    images."""
+
+    images: int
+    reference: float  # the fp32 model's accuracy, a fraction
+    artifact: float  # the artifact's
+    agree: float  # the share of images both put in the same class
+
+    @property
+    def drop_points(self) -> float:
+        """Accuracy points lost (negative: gained)."""
+        return 100.0 * (self.reference - self.artifact)
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "images": self.images,
+            "fp32_accuracy": round(self.reference, 6),
+            "accuracy": round(self.artifact, 6),
+            "drop_points": round(self.drop_points, 4),
+            "same_class": round(self.agree, 6),
+        }
+
+
+def classes_of(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    """The classes `run` (uint8 batch -> logits) gives `images`, batch by batch: int64 [N]."""
+    out = [run(images[s : s + LABELLED_BATCH]).argmax(1) for s in range(0, len(images), LABELLED_BATCH)]
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def labelled_check(
+    run: Callable[[np.ndarray], np.ndarray], reference: DeployedModel, images: np.ndarray, labels: np.ndarray
+) -> Accuracy:
+    """The artifact's accuracy, the fp32 model's, and how often they agree, on the same labelled images."""
+    ours = classes_of(run, images)
+    theirs = classes_of(lambda b: reference.run_numpy(b, batch_size=LABELLED_BATCH)[0], images)
+    n = max(len(labels), 1)
+    return Accuracy(len(labels), float((theirs == labels).sum()) / n, float((ours == labels).sum()) / n,
+                    float((ours == theirs).sum()) / n)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Speed, for the table every export ends with
+# ---------------------------------------------------------------------------------------------------------
+
+SPEED_BATCH = 256  # images a call: cifar-infer's range of best throughput (128-512)
+SPEED_REPEATS = 3  # timed calls after a warm-up; the median is reported
+
+
+def images_per_second(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> float:
+    """Model-only throughput of `run` at batch SPEED_BATCH on this machine: the median of SPEED_REPEATS timed calls
+    after one untimed call (allocations, kernel selection). `images` are cycled to fill a batch."""
+    import time
+
+    batch = np.ascontiguousarray(np.resize(images, (SPEED_BATCH, *images.shape[1:])))
+    run(batch)
+    times = []
+    for _ in range(SPEED_REPEATS):
+        t0 = time.perf_counter()
+        run(batch)
+        times.append(time.perf_counter() - t0)
+    return SPEED_BATCH / sorted(times)[len(times) // 2]

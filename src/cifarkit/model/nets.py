@@ -10,6 +10,7 @@ and any initialisation that needs data (`init_from_data`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -57,6 +58,11 @@ class Net(nn.Module):
         fit its classifier. None: any. Checked without running the net (tests/test_models.py holds each net's
         answer against real forward passes)."""
         return None
+
+    def folded(self) -> Net:
+        """An equivalent net for inference with each BatchNorm folded into the convolution before it (int8
+        quantization then sees one Conv a layer, with its bias). Default: a copy (nothing to fold)."""
+        return copy.deepcopy(self).eval()
 
 
 class BlogCNN(Net):
@@ -160,6 +166,19 @@ class AirbenchNet(Net):
         x = torch.flatten(self.head_pool(x), 1)  # [N, 256]
         return self.fc(x) * self.scaling_factor
 
+    def folded(self) -> AirbenchNet:
+        """BatchNorm folded into the conv before it: norm2 directly; norm1 through the max-pool between them,
+        which commutes with a per-channel affine map of positive scale (max(a*x + b) = a*max(x) + b for a > 0);
+        a BatchNorm with a scale that is not positive is kept as it is."""
+        net = copy.deepcopy(self).eval()
+        for block in (net.block1, net.block2, net.block3):
+            for conv, norm in (("conv1", "norm1"), ("conv2", "norm2")):
+                fused = fold_batchnorm(getattr(block, conv), getattr(block, norm))
+                if fused is not None:
+                    setattr(block, conv, fused)
+                    setattr(block, norm, nn.Identity())
+        return net
+
     def side_range(self) -> tuple[int, int]:
         # The 2x2 whitening conv takes a pixel, three 2x2 poolings halve, and the 3x3 head pooling must leave one
         # pixel: floor(floor(floor((side - 1) / 2) / 2) / 2) in 3..5.
@@ -180,6 +199,23 @@ class AirbenchNet(Net):
     def init_from_data(self, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
         first = normalize_uint8(images[: self.WHITENING_IMAGES], mean, std).contiguous().cpu()
         init_whitening(self.whiten, first)
+
+
+@torch.no_grad()
+def fold_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d | None:
+    """A conv with bias equal to norm(conv(x)) in inference (running statistics), or None when a channel's scale
+    gamma / sqrt(var + eps) is not positive (then it could not pass a max-pool between the two)."""
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)  # [C_out]
+    if not bool((scale > 0).all()):
+        return None
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, bias=True,
+    )  # fmt: skip
+    fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+    fused.bias.copy_((bias - norm.running_mean) * scale + norm.bias)
+    return fused
 
 
 @torch.no_grad()
