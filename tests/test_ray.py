@@ -234,7 +234,7 @@ def test_two_node_cluster_through_ray_address(model_path, odd, tmp_path):
 
 def test_bad_engine_options(model_path, odd, tmp_path):
     for args, message in (
-        (["--engine", "spark"], "--engine must be one of local, ray, got 'spark'"),
+        (["--engine", "spark"], "--engine must be one of local, ray, http, got 'spark'"),
         (["--ray-address", "localhost:6379"], "--ray-address and --ray-actors go with --engine ray"),
         (["--engine", "ray", "--ray-actors", "0"], "--ray-actors must be at least 1"),
         (["--engine", "ray", "--device", "cuda"], "--engine ray runs the model on the actors' CPUs"),

@@ -1,4 +1,4 @@
-"""Command-line front ends, one module per console script (train, export, infer, pack, eval). Each module builds
+"""Command-line front ends, one module per console script (train, export, infer, pack, eval, serve). Each module builds
 its command from its stage's config (cifarkit.cli.shell), calls the stage and prints; every `main(argv)`
 returns the exit status. This module holds the exit rules they share and imports nothing heavy: `cifar-infer`
 must start fast and never import torch.
@@ -161,3 +161,4 @@ cifar_export = _script("export")
 cifar_infer = _script("infer")
 cifar_eval = _script("eval")
 cifar_pack = _script("pack")
+cifar_serve = _script("serve")

@@ -45,6 +45,8 @@ def resolve_model_path(model: str | None) -> str:
 
 
 def prepare(values: dict[str, Any]) -> dict[str, Any]:
+    if values.get("engine") == "http":  # the model is the server's (--url)
+        return values
     return {**values, "model": resolve_model_path(values["model"])}
 
 

@@ -24,7 +24,7 @@ MAX_BATCH_SIZE = 4096  # images per call at most: the blog CNN's activations are
 DEFAULT_LOAD_TIMEOUT_S = 30.0
 LOAD_TIMEOUT_HELP = "Seconds the model may take to answer one image when it is loaded (its check); 0: no limit."
 FORMATS = ("table", "csv", "json", "jsonl", "parquet")
-ENGINES = ("local", "ray")
+ENGINES = ("local", "ray", "http")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,8 @@ class InferConfig:
     engine: str = option(
         "local",
         "--engine",
-        help="local (this process, the default) or ray (actors on a Ray cluster: pip install 'cifarkit[ray]').",
+        help="local (this process, the default), ray (actors on a Ray cluster: pip install 'cifarkit[ray]') or http "
+        "(a running cifar-serve at --url).",
     )
     ray_address: str | None = option(
         None,
@@ -83,13 +84,19 @@ class InferConfig:
     ray_actors: int | None = option(
         None, "--ray-actors", help="With --engine ray: actors, 1 CPU each. Default: one per CPU."
     )
+    url: str | None = option(
+        None,
+        "--url",
+        help="With --engine http: the running cifar-serve, e.g. http://127.0.0.1:8000 (--threads: requests in flight, "
+        "default 4; --batch-size: images per request).",
+    )
     load_timeout: float = option(DEFAULT_LOAD_TIMEOUT_S, "--load-timeout", help=LOAD_TIMEOUT_HELP)  # seconds
 
     def validate(self) -> None:
         """The options' own rules, before the model is loaded (CifarkitError naming the option)."""
         if not self.inputs:
             raise CifarkitError("no inputs: give image files, folders, shards or URIs")
-        if self.model is None:
+        if self.model is None and self.engine != "http":  # with http, the model is the server's
             raise CifarkitError("no model: give the exported model.onnx (or a folder holding one)")
         if self.format not in FORMATS:
             raise CifarkitError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
@@ -117,10 +124,34 @@ class InferConfig:
             raise CifarkitError("--ray-address and --ray-actors go with --engine ray")
         if self.ray_actors is not None and self.ray_actors < 1:
             raise CifarkitError(f"--ray-actors must be at least 1, got {self.ray_actors}")
-        if self.engine == "ray" and self.device not in ("auto", "cpu"):
+        if self.engine in ("ray", "http") and self.device not in ("auto", "cpu"):
+            where = "the actors' CPUs" if self.engine == "ray" else "the server"
             raise CifarkitError(
-                f"--engine ray runs the model on the actors' CPUs; --device {self.device} is for the local engine"
+                f"--engine {self.engine} runs the model on {where}; --device {self.device} is for the local engine"
             )
+        if self.engine == "http" and self.url is None:
+            raise CifarkitError("--engine http needs --url, the running cifar-serve (e.g. http://127.0.0.1:8000)")
+        if self.url is not None:
+            if self.engine != "http":
+                raise CifarkitError("--url goes with --engine http")
+            check_url(self.url)
+
+
+def check_url(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a cifar-serve URL (http:// or https://, a host, an optional port, no query), or a
+    CifarkitError naming --url."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise CifarkitError(f"--url {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise CifarkitError(f"--url must look like http://HOST:PORT (the cifar-serve address), got {url!r}")
+    if parts.path.strip("/"):
+        raise CifarkitError(f"--url is the server's address without a path (http://HOST:PORT), got {url!r}")
+    return parts.scheme, parts.hostname, port
 
 
 def check_load_timeout(seconds: float) -> None:

@@ -47,15 +47,21 @@ def infer(cfg: InferConfig, reporter: Reporter | None = None, *, stream: IO[str]
     option, model, shard, URI or output."""
     cfg.validate()
     rep = reporter or Silent()
-    clf = _load(cfg, rep)
-    if cfg.top_k > len(clf.labels):
-        raise CifarkitError(f"--top-k {cfg.top_k} is more than the model's {len(clf.labels)} classes")
+    if cfg.engine == "http":  # the model is the server's: its labels come from GET /v1/model
+        engine = open_engine(cfg.url or "", engine="http", url=cfg.url, threads=cfg.threads)
+        labels, source = engine.labels, None
+    else:
+        clf = _load(cfg, rep)
+        labels, source = clf.labels, clf.source
+    if cfg.top_k > len(labels):
+        raise CifarkitError(f"--top-k {cfg.top_k} is more than the model's {len(labels)} classes")
     if cfg.output is not None and cfg.format != "parquet":
-        check_output(cfg.output, cfg.inputs, clf.source)
+        check_output(cfg.output, cfg.inputs, source)
     plan = InputPlan.resolve(cfg.inputs)  # shards and URIs are checked here
-    engine = open_engine(
-        clf, engine=cfg.engine, threads=cfg.threads, ray_address=cfg.ray_address, ray_actors=cfg.ray_actors
-    )
+    if cfg.engine != "http":
+        engine = open_engine(
+            clf, engine=cfg.engine, threads=cfg.threads, ray_address=cfg.ray_address, ray_actors=cfg.ray_actors
+        )
     result = InferResult(output=cfg.output)
     rep.phase("images classified")
     t0 = time.perf_counter()
