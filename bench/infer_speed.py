@@ -27,22 +27,35 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
 
 
+# Runs argv[2:] and writes its wall seconds and peak RSS (KiB) to the file argv[1]. A process started by this
+# small launcher inherits little: Linux counts the memory a child had at fork (its parent's, a bench holding
+# images and sessions) in the child's ru_maxrss, which would put the bench's own size into every figure.
+_LAUNCHER = """
+import os, subprocess, sys, time
+t0 = time.perf_counter()
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - t0
+with open(sys.argv[1], "w") as f:
+    f.write(f"{wall} {usage.ru_maxrss}")
+sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
+
+
 def timed(cmd: list[str], *, quiet: bool = True) -> tuple[float, int, int, str]:
-    """Run `cmd`; (wall seconds, exit code, peak RSS in KiB, stderr tail). Peak RSS comes from os.wait4,
-    which reports the child's own ru_maxrss or its largest reaped descendant's, whichever is larger."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True)
-    err = proc.stderr.read() if proc.stderr else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
-    return wall, proc.returncode, usage.ru_maxrss, err[-2000:]
+    """Run `cmd`; (wall seconds, exit code, peak RSS in KiB, stderr tail). Wall time and peak RSS are measured
+    by a small launcher process around `cmd` (os.wait4: the child's own ru_maxrss or its largest reaped
+    descendant's), so neither the bench's memory nor the launcher's start is counted."""
+    with tempfile.NamedTemporaryFile("r", prefix="cifarkit-bench-", suffix=".txt") as result:
+        launcher = [sys.executable, "-c", _LAUNCHER, result.name, *map(str, cmd)]
+        proc = subprocess.run(launcher, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True)
+        wall, rss = result.read().split()
+    return float(wall), proc.returncode, int(rss), proc.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------------
