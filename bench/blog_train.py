@@ -2,7 +2,8 @@
 
 torchvision ImageFolder (or CIFAR10) -> per-sample ToTensor + Normalize -> DataLoader(batch 32, shuffle) ->
 the 3-conv CNN -> Adam 1e-3, cross-entropy, 4 epochs, fp32. Prints one JSON line with seconds per epoch
-and test accuracy. Self-contained on purpose: it must not borrow any of cifarkit's speed-ups.
+and test accuracy (and writes it to --result). Self-contained on purpose: it must not borrow any of cifarkit's
+speed-ups.
 
     python bench/blog_train.py --data $CIFARKIT_DATA --epochs 4
 """
@@ -46,6 +47,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (the PyTorch tutorial's 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--result", default=None, help="also write the JSON line to this file")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
@@ -89,16 +91,14 @@ def main() -> None:
             total += labels.size(0)
             correct += (predicted == labels).sum().item()
     eval_seconds = time.perf_counter() - t0
-    print(
-        json.dumps(
-            {
-                "epoch_seconds": epoch_seconds,
-                "accuracy": correct / total,
-                "eval_seconds": eval_seconds,
-                "workers": args.workers,
-            }
-        )
-    )
+    line = json.dumps(
+        {"epoch_seconds": epoch_seconds, "accuracy": correct / total, "eval_seconds": eval_seconds,
+         "workers": args.workers}
+    )  # fmt: skip
+    print(line)
+    if args.result:
+        with open(args.result, "w") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Never fails on timing.
     python bench/recipes.py --data $CIFARKIT_DATA                                   # blog and airbench
     python bench/recipes.py --data $CIFARKIT_DATA --budgets 6m,10m --recipes airbench   # + budgeted runs
     python bench/recipes.py --data $CIFARKIT_DATA --reference none --recipes blog       # no reference run
+    python bench/recipes.py --data $CIFARKIT_DATA --reference none --recipes blog,airbench,sprint \
+        --budgets 1m,3m,6m --only-budgets --plot budgets.png                            # accuracy against budget
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ def main() -> None:
     p.add_argument("--budgets", default="", help="comma-separated time budgets (e.g. 6m,10m), each run per recipe")
     p.add_argument("--reference", default="airbench", help="the reference recipe (run first), or 'none'")
     p.add_argument("--eval-every", default="0", help="cifar-train --eval-every for every run (default 0)")
+    p.add_argument("--only-budgets", action="store_true", help="only the --budgets runs, not the recipes' own epochs")
     p.add_argument("--keep", default=None, help="keep the run folders under this folder")
+    p.add_argument("--plot", default=None, help="with --budgets: draw accuracy against budget per recipe to this PNG")
     p.add_argument("extra", nargs="*", help="further cifar-train options, after --")
     args = p.parse_args()
     if not args.data:
@@ -64,8 +68,9 @@ def main() -> None:
     plan: list[tuple[str, str | None]] = []
     if args.reference != "none":
         plan.append((args.reference, None))
-    plan += [(r, None) for r in recipes if (r, None) not in plan]
-    plan += [(r, b) for r in recipes for b in budgets]
+    if not args.only_budgets:
+        plan += [(r, None) for r in recipes if (r, None) not in plan]
+    plan += [(r, b) for b in budgets for r in recipes]  # budget by budget: a drifting machine hits every recipe
     rows = []
     try:
         for recipe, budget in plan:
@@ -115,6 +120,43 @@ def main() -> None:
             if a is not None
         ]
         print(f"  {name:<16} " + ", ".join(points))
+    if budgets:
+        budget_table(rows, recipes, budgets, args.plot)
+
+
+def budget_table(rows: list, recipes: list[str], budgets: list[str], plot: str | None) -> None:
+    """Test accuracy of each recipe at each budget (and the process's wall seconds), and the curves as a PNG."""
+    from cifarkit.train.budget import parse_duration
+
+    got = {(name.split("@")[0], budget): (m["test"]["accuracy"], wall) for name, budget, m, wall, _ in rows if budget}
+    print("\naccuracy against time budget (test accuracy; the whole process's wall seconds in brackets):")
+    print(f"  {'recipe':<12}" + "".join(f"{b:>20}" for b in budgets))
+    for r in recipes:
+        cells = [got.get((r, b)) for b in budgets]
+        print(f"  {r:<12}" + "".join(f"{100 * c[0]:>11.2f}% ({c[1]:5.1f}s)" if c else f"{'-':>20}" for c in cells))
+    if not plot:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    seconds = [parse_duration(b) for b in budgets]
+    for r in recipes:
+        pts = [(s, 100 * got[(r, b)][0]) for s, b in zip(seconds, budgets, strict=True) if (r, b) in got]
+        ax.plot([p[0] / 60 for p in pts], [p[1] for p in pts], marker="o", label=r)
+        for x, y in pts:
+            ax.annotate(f"{y:.1f}", (x / 60, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xlabel("time budget, whole process (minutes)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xticks([s / 60 for s in seconds])
+    ax.set_title(f"cifar-train --time-budget, {os.cpu_count()} CPU cores")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(plot)
+    print(f"\nplot: {plot}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ SCHEMA = "cifarkit.device-check/1"
 RESULT_NAME = "device-check.json"
 ARCHIVES = ("train.tar.gz", "test.tar.gz")
 DEFAULT_DATA = ROOT / ".device-data"
-RECIPES = ("blog", "airbench")
+RECIPES = ("blog", "airbench", "sprint")
 THRESHOLDS = (0.90, 0.91)  # accuracies whose time-to is reported
 PUBLISHED = "airbench94: 94 % in 3.29 s on one A100 (PNG CIFAR-10; Keller Jordan, arXiv 2404.00498)"
 PARITY_TOLERANCE = 1e-3  # max |logit diff| across devices in strict fp32 (export's own, same-device check: 1e-4)
@@ -76,10 +76,10 @@ class Plan:
     variant_images: int  # labelled test images (and training images calibrating int8) of the compact variants
 
 
-FULL = Plan(False, {"blog": None, "airbench": None}, {"blog": None, "airbench": None}, (0, 0), 256,
-            {"blog": 2000, "airbench": 1000}, 4096, 0.3, 150.0, 2000)  # fmt: skip
-QUICK = Plan(True, {"blog": 1, "airbench": 1}, {"blog": None, "airbench": 64}, (32, 10), 8,
-             {"blog": 100, "airbench": 16}, 8, 0.02, 20.0, 32)  # fmt: skip
+FULL = Plan(False, {"blog": None, "airbench": None, "sprint": None}, {"blog": None, "airbench": None, "sprint": None},
+            (0, 0), 256, {"blog": 2000, "airbench": 1000, "sprint": 10000}, 4096, 0.3, 150.0, 2000)  # fmt: skip
+QUICK = Plan(True, {"blog": 1, "airbench": 1, "sprint": 1}, {"blog": None, "airbench": 64, "sprint": 64}, (32, 10), 8,
+             {"blog": 100, "airbench": 16, "sprint": 16}, 8, 0.02, 20.0, 32)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -485,7 +485,7 @@ def run(device: Any, archives: Path, report: Report, work: Path, plan: Plan) -> 
             f"onnxruntime_{r}", lambda p=paths: onnxruntime_speed(p, data, plan), optional=True, needs_s=10.0
         )
     report.data["variants"] = {}
-    for r in artifacts:
+    for r in ("blog",) if plan.quick else artifacts:  # --quick: the plumbing once is enough
         ckpt = trained[r][1]
         report.data["variants"][r] = report.phase(
             f"variants_{r}", lambda c=ckpt, r=r: compact_variants(c, root, work / f"{r}-variants", plan),
@@ -505,6 +505,9 @@ def headline(d: dict[str, Any]) -> dict[str, Any]:
         "airbench_train_s": air.get("train_s"),
         "blog_median_s_per_epoch": rec.get("blog", {}).get("median_s_per_epoch"),
         "blog_test_accuracy": rec.get("blog", {}).get("test_accuracy"),
+        "sprint_test_accuracy": rec.get("sprint", {}).get("test_accuracy"),
+        "sprint_train_s": rec.get("sprint", {}).get("train_s"),
+        "sprint_parity_ok": ((d.get("parity") or {}).get("sprint") or {}).get("ok"),
         "torchscript_images_per_s": {r: (v or {}).get("torchscript_fp32_images_per_s") for r, v in inf.items()},
         "int8_speed_vs_fp32_cpu": {
             r: (v or {}).get("int8", {}).get("table", [{}, {}])[-1].get("ratio")

@@ -127,8 +127,8 @@ def test_a_slower_clock_plans_fewer_steps(small_data, tmp_path):
     """The same budget on a clock twice as slow (a machine half as fast): about half the steps, same shape."""
     steps = []
     for tick in (0.05, 0.1):
-        cfg = TrainConfig(data=str(small_data), time_budget=30, budget_start=0.0, out=str(tmp_path / str(tick)),
-                          device="cpu", eval_every=0)  # fmt: skip
+        cfg = TrainConfig(data=str(small_data), recipe="blog", time_budget=30, budget_start=0.0,
+                          out=str(tmp_path / str(tick)), device="cpu", eval_every=0)  # fmt: skip
         steps.append(train(cfg, clock=StepClock(start=1.0, tick=tick)).summary["steps"])
     assert 0.4 < steps[1] / steps[0] < 0.6, steps
 
@@ -197,7 +197,8 @@ class _StopAfter(Silent):
 def test_a_budgeted_run_resumes_to_the_end_of_its_own_plan(small_data, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        cfg = TrainConfig(data=str(small_data), out=str(out), device="cpu", time_budget=20, budget_start=0.0)
+        cfg = TrainConfig(data=str(small_data), recipe="blog", out=str(out), device="cpu", time_budget=20,
+                          budget_start=0.0)  # fmt: skip
         # A step takes 0.02 s: the warm-up (5 steps and 2 s, then 1 s of measuring) ends at step ~150, well
         # before the 12th epoch (384 steps), where the run is stopped.
         train(cfg, _StopAfter(12), clock=StepClock(start=1.0, tick=0.02))

@@ -51,9 +51,9 @@ def test_quick_check_passes_every_phase(quick):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert report["status"] == "ok" and report["mode"] == "quick" and report["device"] == "cpu"
     expected = {"environment", "data"} | {
-        f"{phase}_{recipe}" for phase in ("train", "export", "parity", "inference", "onnxruntime", "variants")
-        for recipe in ("blog", "airbench")
-    } | {"compile_airbench"}  # fmt: skip
+        f"{phase}_{recipe}" for phase in ("train", "export", "parity", "inference", "onnxruntime")
+        for recipe in ("blog", "airbench", "sprint")
+    } | {"compile_airbench", "variants_blog"}  # fmt: skip
     assert set(report["phases"]) == expected
     assert all(p["status"] == "ok" for p in report["phases"].values()), report["phases"]
     assert report["failed"] == [] and report["skipped"] == []
@@ -64,7 +64,7 @@ def test_quick_check_passes_every_phase(quick):
 def test_quick_check_figures(quick):
     _, report = quick
     assert report["data"]["train_images"] == 320 and report["data"]["test_images"] == 100
-    for recipe in ("blog", "airbench"):
+    for recipe in ("blog", "airbench", "sprint"):
         r = report["recipes"][recipe]
         assert len(r["s_per_epoch"]) == 1 and r["s_per_epoch"][0] > 0 and r["train_images_per_s"] > 0
         assert 0 <= r["test_accuracy"] <= 1 and r["peak_gpu_memory_mib"] is None
@@ -78,9 +78,9 @@ def test_quick_check_figures(quick):
         assert parity["onnx_vs_eager_device"]["max_abs_logit_diff"] < 1e-4
         assert report["inference"][recipe]["torchscript_fp32_images_per_s"] > 0
         assert report["onnxruntime"][recipe]["images_per_s"] > 0
-        for variant in ("int8", "fp16"):  # cifar-export's variants, verified on labelled test images
-            checked = report["variants"][recipe][variant]["labelled_verification"]
-            assert checked["images"] == 32 and 0 <= checked["accuracy"] <= 1
+    for variant in ("int8", "fp16"):  # cifar-export's variants, verified on labelled test images
+        checked = report["variants"]["blog"][variant]["labelled_verification"]
+        assert checked["images"] == 32 and 0 <= checked["accuracy"] <= 1
     compiled = report["compile"]["airbench"]
     assert compiled["compiler"].startswith("disabled") and compiled["compiled"]["compile"] is True
     assert set(report["clocks"]) == {"train_s", "elapsed_s", "wall_s"}

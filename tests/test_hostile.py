@@ -206,7 +206,11 @@ def test_an_existing_run_folder_is_not_replaced(tmp_path, batches_py, trained_ru
     out = tmp_path / "run"
     shutil.copytree(trained_run.out_dir, out)
     before = (out / "checkpoint.pt").read_bytes()
-    with pytest.raises(CifarkitError, match=r"already holds a run \(checkpoint\.pt, metrics\.json, loss\.png\)"):
+    with pytest.raises(
+        CifarkitError,
+        match=r"already holds a run \(checkpoint\.pt, metrics\.json, loss\.png, "
+        r"metrics\.jsonl, 1 TensorBoard event file\)",
+    ):
         train(TrainConfig(data=str(batches_py), epochs=1, out=str(out), device="cpu"))
     assert (out / "checkpoint.pt").read_bytes() == before
     result = train(TrainConfig(data=str(batches_py), epochs=1, out=str(out), device="cpu", overwrite=True))

@@ -47,6 +47,12 @@ def _hits(loaded: set[str], never: tuple[str, ...]) -> list[str]:
         ("cifarkit.export.run", ("cifarkit.train", "cifarkit.data", "PIL")),
         ("cifarkit.infer.run", ("torch", "cifarkit.model", "cifarkit.train", "ray", "pyarrow")),
         ("cifarkit.evaluation.stage", ("torch", "cifarkit.model", "cifarkit.train")),
+        # The service: its options and command are light; the HTTP engine is a client, Ray-free.
+        ("cifarkit.serve.config", ("torch", "numpy", "ray")),
+        ("cifarkit.cli.serve", ("torch", "numpy", "ray", "starlette", "aiohttp", "PIL")),
+        ("cifarkit.infer.http", ("torch", "ray")),
+        # A run's live log loads TensorBoard's writer only when a run folder first holds a checkpoint.
+        ("cifarkit.train.events", ("torch", "tensorboard")),
     ],
 )
 def test_module_imports_only_what_it_needs(module, never):

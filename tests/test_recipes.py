@@ -39,6 +39,17 @@ def test_lookahead_moves_weights_towards_their_average():
     torch.testing.assert_close(look.ema["weight"], start + 0.25)
 
 
+def test_drop_last_keeps_full_batches_and_a_small_set_is_one_short_batch():
+    x, y = synthetic_images(100, num_classes=10)
+    full = DeviceBatches(x, y, batch_size=30, device=CPU, mean=BLOG_MEAN, std=BLOG_STD, drop_last=True)
+    assert len(full) == 3 and [len(yb) for _, yb in full.epoch(0)] == [30, 30, 30]
+    kept = DeviceBatches(x, y, batch_size=30, device=CPU, mean=BLOG_MEAN, std=BLOG_STD)
+    assert len(kept) == 4 and [len(yb) for _, yb in kept.epoch(0)] == [30, 30, 30, 10]
+    # a data set smaller than one batch (sprint's 1,000 on a few hundred images): one batch of all, not none
+    small = DeviceBatches(x, y, batch_size=1000, device=CPU, mean=BLOG_MEAN, std=BLOG_STD, drop_last=True)
+    assert len(small) == 1 and [len(yb) for _, yb in small.epoch(0)] == [100]
+
+
 def test_translate_and_flip_augmentation():
     x, y = synthetic_images(64, seed=2)
     b = DeviceBatches(

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from cifarkit.errors import CifarkitError
 
-MODEL_NAMES: tuple[str, ...] = ("blog_cnn", "airbench")  # the keys of cifarkit.model.nets.MODELS, in its order
+# The keys of cifarkit.model.nets.MODELS, in its order.
+MODEL_NAMES: tuple[str, ...] = ("blog_cnn", "airbench", "sprint")
 
 
 def check_model_name(name: str) -> None:

@@ -69,7 +69,9 @@ class DeviceBatches:
 
     def __len__(self) -> int:
         n = self.per_rank
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        if self.drop_last:  # a data set smaller than one batch is one short batch, not an epoch of none
+            return max(1, n // self.batch_size)
+        return -(-n // self.batch_size)
 
     @property
     def per_rank(self) -> int:
@@ -125,7 +127,7 @@ class DeviceBatches:
     def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self.order(epoch)
         shifts = self._shifts(epoch)
-        stop = len(self) * self.batch_size if self.drop_last else len(idx)
+        stop = min(len(self) * self.batch_size, len(idx)) if self.drop_last else len(idx)
         for start in range(0, stop, self.batch_size):
             b = idx[start : start + self.batch_size]
             xb = normalize_uint8(self.gather(b, epoch, shifts), self.mean, self.std)

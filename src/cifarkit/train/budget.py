@@ -101,11 +101,23 @@ FINAL_EVAL_SHARE = 0.10
 
 
 def final_tta(recipe_tta: str, one_pass_seconds: float, budget_seconds: float) -> str:
-    """The test-time augmentation for a budgeted run's final evaluation: the recipe's if its passes over the
-    test set fit in FINAL_EVAL_SHARE of the budget, else the richest cheaper one that fits, else none."""
+    """The test-time augmentation for a budgeted run's final evaluation in fp32: the recipe's if its passes over
+    the test set fit in FINAL_EVAL_SHARE of the budget, else the richest cheaper one that fits, else none."""
+    return final_evaluation(recipe_tta, {"fp32": one_pass_seconds}, budget_seconds)[0]
+
+
+def final_evaluation(recipe_tta: str, pass_seconds: dict[str, float], budget_seconds: float) -> tuple[str, str]:
+    """(TTA, precision) of a budgeted run's final evaluation. `pass_seconds`: one pass over the test set in each
+    precision the run may evaluate in, the exported model's (fp32) first. The richest TTA up to the recipe's whose
+    passes fit in FINAL_EVAL_SHARE of the budget, in the first precision where they fit (a TTA is worth more
+    than fp32 arithmetic: bf16 moves a few test images, the recipe's TTA a point), else none in the fastest."""
     modes = list(TTA_PASSES)[: list(TTA_PASSES).index(recipe_tta) + 1]  # the recipe's and the cheaper ones
     allowed = FINAL_EVAL_SHARE * budget_seconds
-    return next((m for m in reversed(modes) if TTA_PASSES[m] * one_pass_seconds <= allowed), "none")
+    for mode in reversed(modes):
+        for precision, seconds in pass_seconds.items():
+            if TTA_PASSES[mode] * seconds <= allowed:
+                return mode, precision
+    return "none", min(pass_seconds, key=pass_seconds.__getitem__)
 
 
 @dataclass
@@ -128,10 +140,12 @@ class Budget:
 
 class Pacer:
     """Fits a budgeted run's length to the clock. Called after every optimizer step: once a short warm-up has
-    passed it measures seconds per step (wall time since the warm-up, so per-epoch evaluations, checkpoint
-    writes and augmentation passes are counted in), fixes how many steps fit before the deadline with the
-    reserve kept, and re-fits that number whenever the estimate moves by more than `tolerance`. The progress
-    map is re-fitted, never cut: the schedule always runs to its end."""
+    passed it measures seconds per step (wall time since the warm-up, less the evaluations the run reports with
+    `evaluated`, so checkpoint writes and augmentation passes are counted in), fixes how many steps fit before
+    the deadline with the reserve kept and the evaluations still due paid for, and re-fits that number whenever
+    the estimate moves by more than `tolerance`. The progress map is re-fitted, never cut: the schedule always
+    runs to its end. The warm-up is measured in seconds, not steps: its steps train like any other (at the
+    start of the schedule, where progress is 0), and a slow step is never waited for twice."""
 
     UNPLANNED = 1 << 40  # total steps before the first fit: progress stays ~0, no plan can end early
 
@@ -140,22 +154,39 @@ class Pacer:
         budget: Budget,
         progress: Progress,
         *,
-        warmup_steps: int = 5,  # steps whose time is not counted (first-call allocations, caches, autotuning)
-        warmup_seconds: float = 2.0,  # ... and at least this long, so that a fast step is measured over many
+        warmup_steps: int = 1,  # steps whose time is not counted (first-call allocations, caches, autotuning)
+        warmup_seconds: float = 1.0,  # ... and at least this long, so that a fast step is measured over many
+        measure_seconds: float = 1.0,  # then at least this long (and 2 steps) measured before the first fit
         refit_seconds: float = 10.0,  # seconds between re-fits
         tolerance: float = 0.02,  # relative change of the remaining steps that triggers a re-fit
         min_steps: int = 10,  # fewer steps than this after the warm-up: the budget is too short
         final_tta: str | None = None,  # the test-time augmentation chosen for the final evaluation (a record)
+        final_precision: str = "fp32",  # ... and the precision it runs in (a record)
+        eval_seconds: float = 0.0,  # what one evaluation asked for along the way (--eval-every) costs
+        eval_every_steps: int = 0,  # steps between those evaluations; 0: none
+        step_cost: Callable[[float], float] | None = None,  # a step's cost at a progress, relative; None: all alike
         clock: Clock = time.time,
     ) -> None:
         self.budget, self.progress, self.final_tta, self.clock = budget, progress, final_tta, clock
+        self.final_precision = final_precision
         progress.total_steps = self.UNPLANNED  # until the warm-up has measured the speed
-        self.warmup_steps, self.warmup_seconds = warmup_steps, warmup_seconds
+        self.warmup_steps, self.warmup_seconds, self.measure_seconds = warmup_steps, warmup_seconds, measure_seconds
         self.refit_seconds, self.tolerance, self.min_steps = refit_seconds, tolerance, min_steps
+        self.eval_seconds, self.eval_every_steps = eval_seconds, eval_every_steps
+        self.step_cost = step_cost or (lambda _: 1.0)
+        self.units = 0.0  # the measured steps' cost, in steps at cost 1 (progressive resizing makes some cheaper)
         self.mark: tuple[int, float] | None = None  # (step, time) where measuring began
         self.first: tuple[int, float] | None = None  # (step, time) of the first step seen
+        self.paused = 0.0  # seconds of evaluation since the mark, not part of a step
         self.last_fit = 0.0
         self.fits: list[dict[str, float]] = []  # every plan: at step, steps in all, seconds per step
+
+    def evaluated(self, seconds: float) -> None:
+        """An evaluation along the way took `seconds`: not step time (the plan pays for it separately), and
+        from now on its measured cost is what the plan charges for each one still due."""
+        self.paused += seconds
+        if self.eval_every_steps:
+            self.eval_seconds = seconds
 
     def step_done(self, step: int, now: float | None = None) -> None:
         now = self.clock() if now is None else now
@@ -163,13 +194,16 @@ class Pacer:
             self.first = (step, now)
         if self.mark is None:
             if step - self.first[0] >= self.warmup_steps and now - self.first[1] >= self.warmup_seconds:
-                self.mark = (step, now)
+                self.mark, self.paused, self.units = (step, now), 0.0, 0.0
             return
-        measured_steps, measured_s = step - self.mark[0], now - self.mark[1]
-        if measured_steps < 3 or measured_s < 1.0 or (self.fits and now - self.last_fit < self.refit_seconds):
+        self.units += self.step_cost(self.progress.at(step - 1))  # the step just done ran at that progress
+        measured_steps, measured_s = step - self.mark[0], now - self.mark[1] - self.paused
+        if measured_steps < 2 or measured_s < self.measure_seconds:
             return
-        per_step = measured_s / measured_steps
-        total = step + self.budget.steps_that_fit(per_step, now)
+        if self.fits and now - self.last_fit < self.refit_seconds:
+            return
+        per_step = measured_s / max(self.units, 1e-9) * self.mean_cost(self.progress.at(step))
+        total = step + self.steps_that_fit(step, per_step, now)
         if not self.fits and total - step < self.min_steps:
             spent = now - self.budget.started
             raise CifarkitError(
@@ -183,12 +217,36 @@ class Pacer:
             self.fits.append({"step": step, "total_steps": self.progress.total_steps, "seconds_per_step": per_step})
         self.last_fit = now
 
+    def mean_cost(self, reached: float, samples: int = 64) -> float:
+        """The mean relative cost of the steps from progress `reached` to the end (a step at each progress is as
+        likely: the plan spreads them evenly)."""
+        if reached >= 1.0:
+            return self.step_cost(1.0)
+        points = [reached + (1.0 - reached) * (i + 0.5) / samples for i in range(samples)]
+        return sum(self.step_cost(p) for p in points) / samples
+
+    def steps_that_fit(self, step: int, per_step: float, now: float) -> int:
+        """Steps after `step` that fit before the deadline: the reserve kept, and every evaluation along the way
+        that they would bring (one each eval_every_steps, the last step's excepted: it is the final one, in the
+        reserve) paid for."""
+        n = self.budget.steps_that_fit(per_step, now)
+        every, cost = self.eval_every_steps, self.eval_seconds
+        if not every or cost <= 0 or n == 0:
+            return n
+        left = self.budget.deadline - now - self.budget.reserve
+        n = min(n, int(left / (per_step + cost / every)) + every)  # the average rate, then exactly
+        while n > 0 and n * per_step + ((step + n - 1) // every - step // every) * cost > left:
+            n -= 1
+        return n
+
     def to_dict(self) -> dict[str, object]:
         return {
             "seconds": self.budget.seconds,
             "reserve_seconds": round(self.budget.reserve, 2),
             "final_tta": self.final_tta,
+            "final_precision": self.final_precision,
             "planned_steps": self.fits[0]["total_steps"] if self.fits else None,
+            "evaluations_along_the_way": {"every_steps": self.eval_every_steps, "seconds": round(self.eval_seconds, 3)},
             "final_planned_steps": self.progress.total_steps,
             "fits": self.fits,
         }

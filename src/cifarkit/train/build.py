@@ -17,14 +17,14 @@ from cifarkit.data import CifarData, load_data
 from cifarkit.errors import CifarkitError, first_line
 from cifarkit.model.checkpoint import Checkpoint, load_weights
 from cifarkit.model.deployed import DeployedModel
-from cifarkit.model.nets import Net, build_model
+from cifarkit.model.nets import Net, build_model, multiply_adds
 from cifarkit.spec import ArtifactMeta, versions
 from cifarkit.stage import Reporter
 from cifarkit.train.batches import DeviceBatches
-from cifarkit.train.budget import TTA_PASSES, Budget, Clock, Pacer, Progress, final_tta
+from cifarkit.train.budget import TTA_PASSES, Budget, Clock, Pacer, Progress, final_evaluation
 from cifarkit.train.config import TrainConfig
 from cifarkit.train.loop import evaluate
-from cifarkit.train.optim import Optimization, make_optimization
+from cifarkit.train.optim import Optimization, make_optimization, side_at
 from cifarkit.train.recipes import Recipe
 from cifarkit.train.report import EpochRecord, Metrics
 from cifarkit.train.runtime import Runtime
@@ -141,14 +141,31 @@ def measure_test(
     )  # fmt: skip
 
 
+def step_cost(model: Net, recipe: Recipe, data: CifarData) -> Callable[[float], float] | None:
+    """A step's cost at a point of the schedule, relative to a step at the data's own size: under progressive
+    resizing the low-resolution steps cost their share of multiply-adds (an estimate: the pacer's re-fits
+    correct it once full-size steps are measured). None: every step costs the same."""
+    if not recipe.progressive:
+        return None
+    full = max(multiply_adds(model, data.train_x.shape[1]), 1)
+    ratios = {side: multiply_adds(model, side) / full for _, side in recipe.progressive}
+
+    def cost(progress: float) -> float:
+        side = side_at(recipe.progressive, progress)
+        return 1.0 if side is None else ratios[side]
+
+    return cost
+
+
 def make_pacer(
     cfg: TrainConfig, recipe: Recipe, model: Net, data: CifarData, rt: Runtime, opt: Optimization,
-    started: float, clock: Clock,
-) -> tuple[Pacer, str]:  # fmt: skip
-    """The time budget's pacer, its reserve measured, and the final test-time augmentation. One forward pass
-    of the test set (fp32) is timed on a slice and scaled to all of it; the final evaluation keeps the recipe's
-    TTA if it fits in its share of the budget, else a cheaper one (cifarkit.train.budget.final_tta). The
-    reserve: that evaluation plus what the checkpoint, the reports and the exit take."""
+    steps_per_epoch: int, started: float, clock: Clock,
+) -> tuple[Pacer, str, str]:  # fmt: skip
+    """The time budget's pacer, its reserve measured, and the final evaluation's TTA and precision. One forward
+    pass of the test set is timed on a slice, in fp32 and in the training precision, and scaled to all of it;
+    the final evaluation keeps the recipe's TTA if it fits in its share of the budget (in fp32, else in the
+    training precision), else a cheaper one (cifarkit.train.budget.final_evaluation). The reserve: that
+    evaluation plus what the checkpoint, the reports and the exit take."""
     assert cfg.time_budget is not None
     if clock() - started >= cfg.time_budget:
         raise CifarkitError(
@@ -157,32 +174,43 @@ def make_pacer(
     probe = min(len(data.test_y), 512)
     small = replace(cfg, eval_batch_size=min(cfg.eval_batch_size, probe))
     warm = replace(data, test_x=data.test_x[:16], test_y=data.test_y[:16])
-    measure_test(model, recipe, warm, small, rt, "none", "fp32")  # first-call costs (allocations, kernels) not counted
-    t0 = clock()
     head = replace(data, test_x=data.test_x[:probe], test_y=data.test_y[:probe])
-    measure_test(model, recipe, head, small, rt, "none", "fp32")
+    passes: dict[str, float] = {}
+    for precision in dict.fromkeys(("fp32", rt.precision)):  # the exported model's first
+        measure_test(model, recipe, warm, small, rt, "none", precision)  # first-call costs (allocations) not counted
+        t0 = clock()
+        measure_test(model, recipe, head, small, rt, "none", precision)
+        passes[precision] = (clock() - t0) * len(data.test_y) / probe
     model.train()
-    one_pass = (clock() - t0) * len(data.test_y) / probe
-    tta = final_tta(recipe.tta, one_pass, cfg.time_budget)
-    final_eval = TTA_PASSES[tta] * one_pass
+    one_pass = passes["fp32"]
+    tta, precision = final_evaluation(recipe.tta, passes, cfg.time_budget)
+    final_eval = TTA_PASSES[tta] * passes[precision]
     # What follows the last step besides the evaluation: the checkpoint (~10 MB/s at worst here, plus torch's
-    # serialisation), metrics.json and loss.png (matplotlib's first import and drawing: ~1 s on a 2-core CPU)
-    # and the interpreter's exit (torch's teardown, ~0.5 s); 1 % of the budget on top for the clock's noise.
+    # serialisation), metrics.json and loss.png (matplotlib's first import and drawing: ~0.5 s on a 2-core CPU)
+    # and the interpreter's exit (torch's teardown, ~0.5 s); 0.5 % of the budget on top for the clock's noise.
     weights_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
-    reserve = 1.1 * final_eval + 3 * weights_mb / 10 + 2.0 + 0.01 * cfg.time_budget
+    reserve = 1.05 * final_eval + 3 * weights_mb / 10 + 1.5 + 0.005 * cfg.time_budget
     budget = Budget(seconds=cfg.time_budget, started=started, reserve=reserve)
-    pacer = Pacer(budget, opt.progress, refit_seconds=max(5.0, cfg.time_budget / 40), final_tta=tta, clock=clock)
-    return pacer, tta
+    # Evaluations asked for along the way (--eval-every) are paid for in the plan: charged at one fp32 pass until
+    # the first has been timed (they run in the training precision, so that is an upper bound).
+    pacer = Pacer(
+        budget, opt.progress, refit_seconds=max(5.0, cfg.time_budget / 40), final_tta=tta, clock=clock,
+        final_precision=precision,
+        eval_seconds=one_pass, eval_every_steps=(cfg.eval_every or 0) * steps_per_epoch,
+        step_cost=step_cost(model, recipe, data),
+    )  # fmt: skip
+    return pacer, tta, precision
 
 
 def step_reporter(
-    rep: Reporter, epoch: int, epochs: int, opt: Optimization, cfg: TrainConfig, steps: int, device: torch.device,
-    pacer: Pacer | None,
+    rep: Reporter, epoch: int, epochs: Callable[[], str], opt: Optimization, cfg: TrainConfig, steps: int,
+    device: torch.device, pacer: Pacer | None, record: Callable[[float, float], None] | None = None,
 ) -> Callable[[int, torch.Tensor], None]:  # fmt: skip
-    """After every step: the pacer (under a time budget); every `progress_every` steps rep.progress with the
-    mean loss since the last call and images/s; every `log_every` steps the blog's line ("Epoch [1/4], Batch
-    [500/1563], Loss: 1.2798", the mean since the last line). On a CPU reading the loss costs nothing; on a GPU
-    it syncs, so it happens at most every 50 steps (the pacer reads only the clock)."""
+    """After every step: the pacer (under a time budget); every `progress_every` steps rep.progress and
+    `record` (the run's live log) with the mean loss since the last call and images/s; every `log_every` steps
+    the blog's line ("Epoch [1/4], Batch [500/1563], Loss: 1.2798", the mean since the last line). On a CPU
+    reading the loss costs nothing; on a GPU it syncs, so it happens at most every 50 steps (the pacer reads
+    only the clock)."""
     every = cfg.progress_every if device.type == "cpu" else max(cfg.progress_every, 50)
     log = cfg.log_every if device.type == "cpu" else max(cfg.log_every, 50)
     last = {"progress": 0, "log": 0}
@@ -199,10 +227,13 @@ def step_reporter(
         end = i + 1 == steps or opt.done
         if (i + 1) % every == 0 or end:
             rate = (i + 1) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
-            rep.progress(i + 1, loss=mean_since("progress", i, losses), images_per_s=rate)
+            mean = mean_since("progress", i, losses)
+            rep.progress(i + 1, loss=mean, images_per_s=rate)
+            if record is not None:
+                record(mean, rate)
         if (i + 1) % log == 0 or end:
             loss = mean_since("log", i, losses)
-            rep.note(f"Epoch [{epoch + 1}/{epochs}], Batch [{i + 1}/{steps}], Loss: {loss:.4f}", "log")
+            rep.note(f"Epoch [{epoch + 1}/{epochs()}], Batch [{i + 1}/{steps}], Loss: {loss:.4f}", "log")
 
     return on_step
 

@@ -23,12 +23,14 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHANNELS_LAST = ("auto", "on", "off")
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps."
 _BLOG = RECIPES["blog"]
+BUDGET_RECIPE = "sprint"  # the recipe a time budget on a CPU trains when --recipe is not given
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs. Fields left None take the recipe's value (cifarkit.train.recipes.RECIPES); the
-    default recipe is the blog's. Each option's flag is cifar-train's."""
+    default recipe is the blog's (under a time budget on a CPU, BUDGET_RECIPE's: cifarkit.train.run picks it,
+    knowing the device). Each option's flag is cifar-train's."""
 
     data: str | None = option(  # None: torchvision
         None,
@@ -42,8 +44,13 @@ class TrainConfig:
         "--data-dir",
         help="Download and decoded-image cache folder (default: $CIFARKIT_CACHE or ~/.cache/cifarkit).",
     )
-    recipe: str = option(
-        "blog", "--recipe", help="Training recipe: " + "; ".join(f"{n}: {r.summary}" for n, r in RECIPES.items())
+    recipe: str | None = option(  # None: blog, or BUDGET_RECIPE under --time-budget on a CPU
+        None,
+        "--recipe",
+        help="Training recipe (default: blog; under --time-budget on a CPU, "
+        + BUDGET_RECIPE
+        + "): "
+        + "; ".join(f"{n}: {r.summary}" for n, r in RECIPES.items()),
     )
     model: str | None = option(None, "--model", help="Model name (default: the recipe's).")  # cifarkit.model
     epochs: float | None = option(  # fractions allowed
@@ -76,8 +83,11 @@ class TrainConfig:
         help="checkpoint.pt to continue from, to its own target (--epochs sets a new total); pass --data again.",
     )
     overwrite: bool = option(False, "--overwrite", help="Replace the run already in --out (default: refuse).")
-    eval_every: int = option(  # epochs; 0: only the final evaluation (fp32, the recipe's TTA)
-        1, "--eval-every", help="Epochs between test evaluations for the accuracy curve; 0: only the final."
+    eval_every: int | None = option(  # epochs; 0: only the final evaluation; None: 1, or 0 under a time budget
+        None,
+        "--eval-every",
+        help="Epochs between test evaluations for the accuracy curve; 0: only the final. Default: 1, or 0 under "
+        "--time-budget (a budget spends its time on training; evaluations asked for are paid for in its plan).",
     )
     time_budget: float | None = option(  # seconds for the whole process; excludes `epochs`
         None,
@@ -99,14 +109,16 @@ class TrainConfig:
         """A copy with every None that the recipe defines filled in, validated. Under a time budget `epochs`
         is the recipe's: the schedule's shape, stretched or squeezed to what the budget allows."""
         self.validate()
-        r = get_recipe(self.recipe)
+        r = get_recipe(self.recipe or "blog")
         cfg = replace(
             self,
+            recipe=r.name,
             model=self.model or r.model,
             epochs=self.epochs if self.epochs is not None else r.epochs,
             batch_size=self.batch_size if self.batch_size is not None else r.batch_size,
             lr=self.lr if self.lr is not None else r.lr,
             data=self.data or "torchvision",
+            eval_every=self.eval_every if self.eval_every is not None else (0 if self.time_budget else 1),
         )
         cfg.check_bounds()  # the recipe's values (or a resumed run's) too
         return cfg
@@ -121,7 +133,8 @@ class TrainConfig:
 
     def check_bounds(self) -> None:
         """Every value within bounds (CifarkitError naming the option)."""
-        get_recipe(self.recipe)
+        if self.recipe is not None:
+            get_recipe(self.recipe)
         if self.epochs is not None and not (0 < self.epochs <= MAX_EPOCHS and math.isfinite(self.epochs)):
             raise CifarkitError(f"--epochs must be a positive number up to {MAX_EPOCHS:,}, got {self.epochs:g}")
         if self.batch_size is not None and not 1 <= self.batch_size <= MAX_BATCH_SIZE:
@@ -135,7 +148,7 @@ class TrainConfig:
         check_options(self.precision, self.channels_last, self.threads)
         if not 1 <= self.eval_batch_size <= MAX_BATCH_SIZE:
             raise CifarkitError(f"--eval-batch-size must be 1 to {MAX_BATCH_SIZE:,}, got {self.eval_batch_size}")
-        if self.eval_every < 0 or self.log_every < 1 or self.progress_every < 1:
+        if (self.eval_every is not None and self.eval_every < 0) or self.log_every < 1 or self.progress_every < 1:
             raise CifarkitError("--eval-every must be 0 or more (and log_every, progress_every at least 1)")
         budget = self.time_budget
         if budget is not None and not (math.isfinite(budget) and 0 < budget <= MAX_BUDGET_S):

@@ -16,9 +16,16 @@ import torch
 from torch import nn
 
 from cifarkit.errors import CifarkitError
-from cifarkit.model.nets import Net
+from cifarkit.model.nets import Net, ParamGroup
 from cifarkit.train.budget import Progress
+from cifarkit.train.muon import MuonSGD
+from cifarkit.train.optimizers import SGD, Adam
 from cifarkit.train.recipes import Recipe
+
+
+def side_at(stages: tuple[tuple[float, int], ...], progress: float) -> int | None:
+    """The side of the progressive-resizing stage that `progress` falls in; None after the last (full size)."""
+    return next((side for until, side in stages if progress < until), None)
 
 
 def triangle_schedule(total_steps: int, start: float, peak: float, end: float) -> list[float]:
@@ -59,6 +66,7 @@ class Optimization:
     lr_factors: list[float] | None = None  # the triangle per step, precomputed for a run of fixed length
     lookahead: Lookahead | None = None
     lookahead_every: int = 0  # steps between lookahead updates
+    progressive: tuple[tuple[float, int], ...] = ()  # (progress, side) stages: side x side pixels until then
     step: int = 0  # global steps done so far
 
     @property
@@ -77,6 +85,16 @@ class Optimization:
         factor, p = self.lr_factor(), self.progress.at(self.step)
         for group, base, stop in zip(self.optimizer.param_groups, self.base_lrs, self.stops, strict=True):
             group["lr"] = 0.0 if stop is not None and p >= stop else base * factor
+
+    def train_side(self) -> int | None:
+        """The side training images are resized to at this step (progressive resizing); None: as they are."""
+        return side_at(self.progressive, self.progress.at(self.step))
+
+    def main_lr(self) -> float:
+        """The learning rate now of the param group with the most values (the weights): what a log reports."""
+        groups = self.optimizer.param_groups
+        biggest = max(groups, key=lambda g: sum(p.numel() for p in g["params"]))
+        return float(biggest["lr"])
 
     @property
     def done(self) -> bool:
@@ -104,7 +122,7 @@ def make_optimization(
     groups = [g for g in model.param_groups(recipe) if g.params]
     if recipe.optimizer == "adam":
         torch_groups = [{"params": g.params, "lr": lr * g.lr_scale} for g in groups]
-        optimizer = _fused_if_possible(torch.optim.Adam, torch_groups, device, lr=lr)
+        optimizer = _fused_if_possible(Adam, torch_groups, device, lr=lr)
     elif recipe.optimizer == "sgd_nesterov":
         # airbench gives lr and weight decay per 1,024 images, decoupled from momentum; PyTorch's SGD wants
         # them coupled, so convert. Decay is the same for every group, whatever its learning rate.
@@ -115,7 +133,10 @@ def make_optimization(
             {"params": g.params, "lr": base_lr * g.lr_scale, "weight_decay": wd / (base_lr * g.lr_scale)}
             for g in groups
         ]
-        optimizer = _fused_if_possible(torch.optim.SGD, torch_groups, device, momentum=recipe.momentum, nesterov=True)
+        optimizer = _fused_if_possible(SGD, torch_groups, device, momentum=recipe.momentum, nesterov=True)
+    elif recipe.optimizer == "muon":
+        torch_groups = _muon_groups(groups, recipe, lr, batch_size)
+        optimizer = MuonSGD(torch_groups)
     else:
         raise CifarkitError(f"recipe {recipe.name!r}: unknown optimizer {recipe.optimizer!r}")
     return Optimization(
@@ -129,7 +150,30 @@ def make_optimization(
         lr_factors=triangle_schedule(total_steps, *recipe.schedule) if recipe.schedule and fixed_length else None,
         lookahead=Lookahead(model) if recipe.lookahead_every else None,
         lookahead_every=recipe.lookahead_every,
+        progressive=recipe.progressive,
     )
+
+
+def _muon_groups(groups: list[ParamGroup], recipe: Recipe, lr: float, batch_size: int) -> list[dict[str, Any]]:
+    """airbench94_muon's settings: Muon at `lr` for the filters; Nesterov SGD for the classifier (head_lr) and
+    the biases (bias_lr), with weight decay of `weight_decay` per image of the batch, decoupled from their
+    learning rates. `lr` scales every rate against the recipe's (cifar-train --lr)."""
+    scale = lr / recipe.lr
+    rates = {"filters": recipe.lr, "head": recipe.head_lr, "norm_biases": recipe.bias_lr, "whiten_bias": recipe.bias_lr}
+    unknown = [g.name for g in groups if g.name not in rates]
+    if unknown:
+        raise CifarkitError(
+            f"--model: recipe {recipe.name!r} trains its filters with Muon and has no rule for this model's parameter "
+            f"group(s) {', '.join(unknown)}; use --model {recipe.model}"
+        )
+    out = []
+    for g in groups:
+        muon = g.name == "filters"
+        group_lr = rates[g.name] * scale * g.lr_scale
+        decay = 0.0 if muon else recipe.weight_decay * batch_size / group_lr
+        momentum = recipe.muon_momentum if muon else recipe.momentum
+        out.append({"params": g.params, "lr": group_lr, "muon": muon, "momentum": momentum, "weight_decay": decay})
+    return out
 
 
 def _fused_if_possible(

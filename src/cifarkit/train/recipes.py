@@ -36,6 +36,13 @@ class Recipe:
     drop_last: bool = False  # drop the last incomplete batch of every epoch
     whiten_bias_epochs: int = 0  # epochs during which the whitening conv's bias trains, then frozen; 0: never frozen
     tta: str = "none"  # test-time augmentation inside the deployed model: none | hflip | hflip_translate
+    # optimizer "muon" (cifarkit.train.muon): `lr` is Muon's, for the conv filters; these are SGD's for the rest
+    head_lr: float = 0.0  # the classifier's learning rate
+    bias_lr: float = 0.0  # BatchNorm and whitening biases' learning rate
+    muon_momentum: float = 0.0  # Muon's Nesterov momentum (`momentum` is SGD's)
+    # Progressive resizing: stages (progress, side), in order: until that fraction of the schedule, train at side
+    # x side pixels (bilinear, antialiased); after the last stage at the data's size. (): always the data's size
+    progressive: tuple[tuple[float, int], ...] = ()
     summary: str = ""
 
 
@@ -73,6 +80,30 @@ RECIPES: dict[str, Recipe] = {
         tta="hflip_translate",
         summary="airbench94: whitened BatchNorm CNN, Nesterov SGD, triangle schedule, label smoothing, "
         "lookahead, flip+translate, TTA (94 % on PNG CIFAR-10, ~90.5 % on the JPEG copy)",
+    ),
+    "sprint": Recipe(
+        name="sprint",
+        model="sprint",
+        epochs=8,
+        batch_size=1000,
+        lr=0.24,
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        optimizer="muon",
+        momentum=0.85,
+        muon_momentum=0.6,
+        weight_decay=2e-6,
+        head_lr=0.67,
+        bias_lr=0.053,
+        label_smoothing=0.2,
+        loss_reduction="sum",
+        schedule=(1.0, 0.0, 0.0),
+        translate=2,
+        flip=True,
+        drop_last=True,
+        whiten_bias_epochs=3,
+        tta="hflip_translate",
+        summary="the CPU recipe for --time-budget: airbench's net with a global-pool head, Muon for the filters",
     ),
 }
 

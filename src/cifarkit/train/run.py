@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,12 @@ from cifarkit.model.nets import count_parameters
 from cifarkit.stage import Reporter, Silent
 from cifarkit.train import build, report
 from cifarkit.train.budget import Clock, Pacer
-from cifarkit.train.config import RECIPE_FIELDS, TrainConfig
+from cifarkit.train.config import BUDGET_RECIPE, RECIPE_FIELDS, TrainConfig
+from cifarkit.train.events import EVENTS_GLOB, JSONL_NAME, RunLog
 from cifarkit.train.loop import train_one_epoch
 from cifarkit.train.recipes import get_recipe
 from cifarkit.train.report import EpochRecord, Metrics
-from cifarkit.train.runtime import Runtime, runtime
+from cifarkit.train.runtime import Runtime, runtime, select_device
 
 
 @dataclass
@@ -49,7 +51,7 @@ class TrainResult:
     rank: int = 0  # this process's rank under torchrun (0 alone); only rank 0 writes and reports
 
 
-RUN_FILES = ("checkpoint.pt", "metrics.json", "loss.png")  # what a run folder holds
+RUN_FILES = ("checkpoint.pt", "metrics.json", "loss.png", JSONL_NAME)  # what a run folder holds (and EVENTS_GLOB)
 
 
 def train(cfg: TrainConfig, reporter: Reporter | None = None, *, clock: Clock | None = None) -> TrainResult:
@@ -77,14 +79,16 @@ def _claim_run_folder(out_dir: Path, cfg: TrainConfig) -> None:
     """An earlier run's files are never replaced silently: continuing it needs --resume, replacing it
     --overwrite (which removes its files first, so that no old metrics.json outlives them)."""
     existing = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if not existing or (cfg.resume and Path(cfg.resume).resolve().parent == out_dir.resolve()):
+    events = sorted(p.name for p in out_dir.glob(EVENTS_GLOB))
+    if not existing + events or (cfg.resume and Path(cfg.resume).resolve().parent == out_dir.resolve()):
         return
     if not cfg.overwrite:
+        named = existing + ([f"{len(events)} TensorBoard event file{'s' * (len(events) > 1)}"] if events else [])
         raise CifarkitError(
-            f"--out {out_dir} already holds a run ({', '.join(existing)}); pass --resume "
+            f"--out {out_dir} already holds a run ({', '.join(named)}); pass --resume "
             f"{out_dir / 'checkpoint.pt'} to continue it, --overwrite to replace it, or another --out"
         )
-    for name in existing:
+    for name in existing + events:
         (out_dir / name).unlink()
 
 
@@ -93,6 +97,8 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Checkpoint | None, bool]:
     checkpoint; and whether the run continues the checkpoint's own plan (to its own target, and to the end of
     the schedule a budget fitted), which it does unless --epochs asks for another length."""
     if not cfg.resume:
+        if cfg.recipe is None and cfg.time_budget and select_device(cfg.device).type == "cpu":
+            cfg = replace(cfg, recipe=BUDGET_RECIPE)  # a budget on a CPU: the recipe made for it
         return cfg.resolved(), None, False
     cfg.validate()
     resumed = Checkpoint.load(cfg.resume)  # every field and the model checked, as export and eval check it
@@ -110,6 +116,8 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Checkpoint | None, bool]:
         )
     if cfg.out is None:
         cfg = replace(cfg, out=str(Path(cfg.resume).parent))
+    if cfg.eval_every is None and saved.get("time_budget"):  # a budgeted run's plan paid for no evaluations
+        cfg = replace(cfg, eval_every=0)
     cfg = cfg.resolved()  # fills the recipe's values, then validates
     plan = build.fitted_plan(resumed, continue_plan)
     if plan is not None:
@@ -154,6 +162,7 @@ class _Run:
         self.recipe = get_recipe(cfg.recipe)
         self.history = [EpochRecord(**r) for r in resumed.history] if resumed else []
         self.metrics: Metrics | None = None  # the latest evaluation
+        self.log: RunLog | None = None  # metrics.jsonl and TensorBoard events (rank 0), from the first epoch on
 
     def run(self) -> TrainResult:
         cfg, rt, recipe, resumed = self.cfg, self.rt, self.recipe, self.resumed
@@ -168,10 +177,11 @@ class _Run:
         # The test-time augmentation of the final evaluation and of the exported model: the recipe's, unless a
         # time budget chose a cheaper one (kept in the checkpoint, so that a resumed run ends with the same).
         self.final_tta = resumed.artifact.tta if resumed else recipe.tta
+        self.final_precision = "fp32"  # the exported model's, unless a budget needs the training precision's speed
         self.pacer: Pacer | None = None
         if cfg.time_budget:
-            self.pacer, self.final_tta = build.make_pacer(
-                cfg, recipe, self.model, self.data, rt, self.opt, clock.start, self.clock
+            self.pacer, self.final_tta, self.final_precision = build.make_pacer(
+                cfg, recipe, self.model, self.data, rt, self.opt, len(self.batches), clock.start, self.clock
             )
         clock.lap("build")
         self.start_epoch = resumed.epoch if resumed else 0
@@ -182,20 +192,48 @@ class _Run:
             f"channels_last={'on' if rt.channels_last else 'off'}{resuming}"
         )
         epoch = self.start_epoch
-        while not self.opt.done:
-            self.epoch(epoch)
-            epoch += 1
-        return self.finish(epoch)
+        self.log = RunLog(self.out_dir) if rt.dist.main else None
+        try:
+            while not self.opt.done:
+                self.epoch(epoch)
+                epoch += 1
+            return self.finish(epoch)
+        finally:
+            if self.log is not None:
+                self.log.close()
 
-    def epochs_planned(self) -> int:
+    def record_step(self, epoch: int) -> Callable[[float, float], None] | None:
+        """What the step reporter calls with (mean loss, images/s): a line of the live log (rank 0)."""
+        if self.log is None:
+            return None
+        opt, clock = self.opt, self.phase_clock
+
+        def record(loss: float, images_per_s: float) -> None:
+            self.log.step(
+                step=opt.step, epoch=epoch + 1, loss=loss, lr=opt.main_lr(), lr_factor=opt.lr_factor(),
+                images_per_s=images_per_s, elapsed_s=clock.since_start(),
+            )  # fmt: skip
+
+        return record
+
+    def epochs_planned(self) -> int | None:
+        """Epochs in the plan; None while a time budget has not fitted one yet (its warm-up)."""
+        if self.opt.total_steps >= Pacer.UNPLANNED:
+            return None
         return math.ceil(self.opt.total_steps / len(self.batches))
+
+    def epochs_text(self) -> str:
+        planned = self.epochs_planned()
+        return "?" if planned is None else str(planned)
 
     def epoch(self, epoch: int) -> None:
         """Train one epoch, evaluate if due (always after the last), record it, checkpoint, report."""
         cfg, rt, opt, steps = self.cfg, self.rt, self.opt, len(self.batches)
-        self.rep.phase(f"epoch {epoch + 1}/{self.epochs_planned()}", steps)
+        self.rep.phase(f"epoch {epoch + 1}/{self.epochs_text()}", steps)
         t0 = time.perf_counter()
-        on_step = build.step_reporter(self.rep, epoch, self.epochs_planned(), opt, cfg, steps, rt.device, self.pacer)
+        on_step = build.step_reporter(
+            self.rep, epoch, self.epochs_text, opt, cfg, steps, rt.device, self.pacer, self.record_step(epoch)
+        )
         losses = train_one_epoch(
             self.step_model, self.batches, opt, epoch, precision=rt.precision, scaler=self.scaler, on_step=on_step
         )
@@ -214,8 +252,16 @@ class _Run:
         tta = self.final_tta if last else "none"
         tested = None
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            precision = "fp32" if last else rt.precision
+            precision = self.final_precision if last else rt.precision
+            t_eval = time.perf_counter()
             tested = self.metrics = build.measure_test(self.model, self.recipe, self.data, cfg, rt, tta, precision)
+            if self.pacer is not None and not last:
+                self.pacer.evaluated(time.perf_counter() - t_eval)
+            if self.log is not None:
+                self.log.evaluation(
+                    step=opt.step, epoch=epoch + 1, accuracy=tested.accuracy, loss=tested.loss, tta=tta,
+                    precision=precision, final=last, elapsed_s=self.phase_clock.since_start(),
+                )  # fmt: skip
         record = EpochRecord(
             epoch=epoch + 1,
             losses=[float(v) for v in losses.tolist()],
@@ -235,10 +281,14 @@ class _Run:
             build.checkpoint_of(
                 cfg, self.recipe, self.model, opt, self.data, rt, self.history, self.metrics, self.final_tta
             ).save(self.out_dir / "checkpoint.pt")
+            if self.log is not None:
+                self.log.commit()  # the live log's files appear with the first checkpoint
         acc = "" if tested is None else f", test accuracy {100 * tested.accuracy:.2f} %"
-        acc += f" (TTA {tta})" if tested is not None and tta != "none" else ""
+        how = [f"TTA {tta}"] if tta != "none" else []
+        how += [f"in {self.final_precision}"] if last and self.final_precision != "fp32" else []
+        acc += f" ({', '.join(how)})" if tested is not None and how else ""
         self.rep.note(
-            f"Epoch [{record.epoch}/{self.epochs_planned()}] done in {record.seconds:.2f} s "
+            f"Epoch [{record.epoch}/{self.epochs_text()}] done in {record.seconds:.2f} s "
             f"({record.images_per_second:,.0f} images/s){acc}, {record.elapsed:.1f} s elapsed"
         )
 
@@ -256,6 +306,7 @@ class _Run:
             "epochs": epochs if cfg.time_budget else cfg.epochs,
             "steps": opt.step,
             "tta": self.final_tta,
+            "final_precision": self.final_precision,
             **rt.info(),
             "compile": cfg.compile,
             "optimizer": type(opt.optimizer).__name__ + (" (fused)" if opt.optimizer.defaults.get("fused") else ""),
