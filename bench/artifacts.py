@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -150,7 +151,8 @@ def build_variants(name: str, checkpoint: str, precisions, ttas, work: Path, dat
                 "same_class": ver.get("same_class"),
                 "export_s": wall,
             })  # fmt: skip
-            print(f"{name}: exported {rows[-1]['artifact']} in {wall:.1f} s", file=sys.stderr)
+            how = "reused (--reuse)" if math.isnan(wall) else f"exported in {wall:.1f} s"
+            print(f"{name}: {rows[-1]['artifact']} {how}", file=sys.stderr)
     rows.sort(key=lambda r: not r["reference"])
     return rows
 

@@ -87,9 +87,11 @@ def test_int8_logits_and_probabilities_keep_full_resolution(variants):
 
 
 def test_the_export_ends_with_a_table(trained_run, batches_py, tmp_path):
-    code, out, err = cli(trained_run.checkpoint, "--quantize", "int8", "--format", "onnx", "--data", batches_py,
+    # as README and docs/artifacts.md write it: no --format, which is then onnx (the only kind an int8 model is)
+    code, out, err = cli(trained_run.checkpoint, "--quantize", "int8", "--data", batches_py,
                          "--out", tmp_path / "int8", "--progress", "none")  # fmt: skip
     assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == ["model.json", "model.onnx"]
     lines = out.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("artifact"))
     assert lines[head].split()[:5] == ["artifact", "size", "accuracy", "images/s", "vs", "fp32", "file"][:5]
@@ -144,10 +146,20 @@ def test_a_variant_over_max_drop_is_one_line_exit_1_and_nothing_written(trained_
         (["--precision", "bf16", "-f", "onnx"], "--precision must be fp32 or fp16"),
         (["--max-drop", "-1", "--tta", "none", "--data", "{data}"], "--max-drop must be 0 to 100"),
         (["--quantize", "int8", "--format", "torchscript", "--data", "{data}"], "make ONNX models"),
+        (["--precision", "fp16", "--format", "all", "--data", "{data}"], "make ONNX models"),
         (["--quantize", "int8", "--precision", "fp16", "-f", "onnx", "--data", "{data}"], "exclude each other"),
         (["--quantize", "int8", "-f", "onnx", "--data", "{three}"], "verification and calibration need the model's"),
     ],
-    ids=["no-data", "unknown-quantization", "unknown-precision", "negative-max-drop", "torchscript", "both", "classes"],
+    ids=[
+        "no-data",
+        "unknown-quantization",
+        "unknown-precision",
+        "negative-max-drop",
+        "torchscript",
+        "fp16-all",
+        "both",
+        "classes",
+    ],
 )
 def test_bad_variant_options_are_one_line_exit_2_and_nothing_written(trained_run, batches_py, tmp_path, args, message):
     three = write_imagefolder(tmp_path / "three", per_class_train=4, per_class_test=2)  # classes class0..class2

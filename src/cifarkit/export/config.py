@@ -32,8 +32,12 @@ class ExportConfig:
     """An export of one checkpoint. Each option's flag is cifar-export's."""
 
     checkpoint: str = argument(help="checkpoint.pt written by cifar-train.", metavar="CHECKPOINT")
-    format: str = option(  # noqa: A003
-        "all", "--format", "-f", help="onnx, torchscript, all (both), or triton (a Triton model repository in --out)."
+    format: str | None = option(  # noqa: A003 (None: all, or onnx for an int8 or fp16 model: see `kind`)
+        None,
+        "--format",
+        "-f",
+        help="onnx, torchscript, all (both), or triton (a Triton model repository in --out). Default: all; onnx "
+        "for --quantize int8 or --precision fp16, which make ONNX models only.",
     )
     out: str | None = option(  # None: the checkpoint's folder, or a folder named after the variant inside it
         None,
@@ -79,8 +83,15 @@ class ExportConfig:
     speed: bool = option(True, "--speed/--no-speed", help="Measure each artifact's images/s for the closing table.")
 
     @property
+    def kind(self) -> str:
+        """--format as given, or its default: all, or onnx for a compressed model (the only kind one can be)."""
+        if self.format is not None:
+            return self.format
+        return "onnx" if self.quantize != "none" or self.precision != "fp32" else "all"
+
+    @property
     def formats(self) -> tuple[str, ...]:
-        return FORMATS if self.format == "all" else (self.format,)
+        return FORMATS if self.kind == "all" else (self.kind,)
 
     @property
     def lossy(self) -> bool:
@@ -100,16 +111,14 @@ class ExportConfig:
         if self.out is not None:
             return Path(self.out)
         base = Path(self.checkpoint).parent
-        if self.format == "triton":
+        if self.kind == "triton":
             return base / "triton"
         return base / self.variant_name if self.variant_name else base
 
     def validate(self) -> None:
         """The options' own rules and the checkpoint's presence, before torch is imported (CifarkitError)."""
-        if self.format not in ALL_FORMATS:
-            raise CifarkitError(
-                f"--format must be onnx, torchscript or all (or triton): unknown format {self.format!r}"
-            )
+        if self.kind not in ALL_FORMATS:
+            raise CifarkitError(f"--format must be onnx, torchscript or all (or triton): unknown format {self.kind!r}")
         self._check_choices()
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise CifarkitError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {self.opset}")
@@ -138,9 +147,9 @@ class ExportConfig:
             raise CifarkitError(f"--tta must be one of {', '.join(TTA_CHOICES)}, got {self.tta!r}")
         if self.quantize != "none" and self.precision != "fp32":
             raise CifarkitError("--quantize int8 and --precision fp16 exclude each other: pick one")
-        if (self.quantize != "none" or self.precision != "fp32") and self.format not in ("onnx", "triton"):
+        if (self.quantize != "none" or self.precision != "fp32") and self.kind not in ("onnx", "triton"):
             raise CifarkitError(
-                f"--quantize and --precision make ONNX models: pass --format onnx or triton (not {self.format})"
+                f"--quantize and --precision make ONNX models: pass --format onnx or triton (not {self.kind})"
             )
         if self.lossy and not self.data:
             what = f"--quantize {self.quantize}" if self.quantize != "none" else (

@@ -127,7 +127,7 @@ class _Export:
 
     def run(self, out: Path) -> ExportResult:
         cfg = self.cfg
-        formats = ("onnx",) if cfg.format == "triton" else cfg.formats
+        formats = ("onnx",) if cfg.kind == "triton" else cfg.formats
         self.rep.phase("export", len(formats))
         payloads = {fmt: self.exact(fmt) for fmt in formats}  # fp32, each checked against the eager model
         variant: dict[str, Any] = {}
@@ -242,7 +242,7 @@ class _Export:
 
     def write(self, out: Path, payloads: dict[str, bytes], meta: ArtifactMeta, acc: Accuracy | None) -> dict:
         sidecar = _sidecar(meta, payloads, self.checks, acc)
-        if self.cfg.format == "triton":
+        if self.cfg.kind == "triton":
             from cifarkit.export.triton import write_repository
 
             name = self.cfg.triton_name or meta.model_name
