@@ -126,7 +126,6 @@ def main() -> None:
 
 def budget_table(rows: list, recipes: list[str], budgets: list[str], plot: str | None) -> None:
     """Test accuracy of each recipe at each budget (and the process's wall seconds), and the curves as a PNG."""
-    from cifarkit.train.budget import parse_duration
 
     got = {(name.split("@")[0], budget): (m["test"]["accuracy"], wall) for name, budget, m, wall, _ in rows if budget}
     print("\naccuracy against time budget (test accuracy; the whole process's wall seconds in brackets):")
@@ -136,7 +135,17 @@ def budget_table(rows: list, recipes: list[str], budgets: list[str], plot: str |
         print(f"  {r:<12}" + "".join(f"{100 * c[0]:>11.2f}% ({c[1]:5.1f}s)" if c else f"{'-':>20}" for c in cells))
     if not plot:
         return
+    plot_budgets(got, recipes, budgets, plot)
+    print(f"\nplot: {plot}")
+
+
+def plot_budgets(got: dict[tuple[str, str], tuple[float, float]], recipes: list[str], budgets: list[str],
+                 plot: str) -> None:  # fmt: skip
+    """Accuracy against budget, a line per recipe; each point labelled with its accuracy (below the point when
+    a higher one at the same budget is close, so that labels do not overlap)."""
     import matplotlib
+
+    from cifarkit.train.budget import parse_duration
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -144,19 +153,20 @@ def budget_table(rows: list, recipes: list[str], budgets: list[str], plot: str |
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     seconds = [parse_duration(b) for b in budgets]
     for r in recipes:
-        pts = [(s, 100 * got[(r, b)][0]) for s, b in zip(seconds, budgets, strict=True) if (r, b) in got]
-        ax.plot([p[0] / 60 for p in pts], [p[1] for p in pts], marker="o", label=r)
-        for x, y in pts:
-            ax.annotate(f"{y:.1f}", (x / 60, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        pts = [(s, b, 100 * got[(r, b)][0]) for s, b in zip(seconds, budgets, strict=True) if (r, b) in got]
+        ax.plot([p[0] / 60 for p in pts], [p[2] for p in pts], marker="o", label=r)
+        for x, b, y in pts:
+            crowded = any(0 < 100 * got[(o, b)][0] - y < 2.0 for o in recipes if o != r and (o, b) in got)
+            ax.annotate(f"{y:.2f}", (x / 60, y), textcoords="offset points", xytext=(0, -13 if crowded else 6),
+                        ha="center", fontsize=8)  # fmt: skip
     ax.set_xlabel("time budget, whole process (minutes)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_xticks([s / 60 for s in seconds])
-    ax.set_title(f"cifar-train --time-budget, {os.cpu_count()} CPU cores")
+    ax.set_title(f"cifar-train --time-budget, {os.cpu_count()} CPU cores, one run each")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(plot)
-    print(f"\nplot: {plot}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,9 @@ def print_result(result: Any) -> None:
             f"epochs; {fitted['planned_steps']:,} planned after the warm-up, re-fitted {len(fitted['fits']) - 1} "
             f"time(s)), {result.summary['total_seconds']:.1f} s at the last write"
         )
-    print(f"run folder: {result.out_dir}  (checkpoint.pt, metrics.json, loss.png)")
+    events = any(result.out_dir.glob("events.out.tfevents.*"))
+    watch = ", TensorBoard events" if events else ""
+    print(f"run folder: {result.out_dir}  (checkpoint.pt, metrics.json, loss.png, metrics.jsonl{watch})")
 
 
 COMMAND = Command(
