@@ -176,7 +176,7 @@ async def drive(
     have been sent or `seconds` have passed: latencies, errors and wrong answers."""
     import aiohttp
 
-    from cifarkit.serve.multipart import encode
+    from cifarkit.multipart import encode
 
     latencies: list[float] = []
     tally = {"errors": 0, "wrong": 0, "images": 0, "sent": 0}

@@ -50,7 +50,8 @@ def _hits(loaded: set[str], never: tuple[str, ...]) -> list[str]:
         # The service: its options and command are light; the HTTP engine is a client, Ray-free.
         ("cifarkit.serve.config", ("torch", "numpy", "ray")),
         ("cifarkit.cli.serve", ("torch", "numpy", "ray", "starlette", "aiohttp", "PIL")),
-        ("cifarkit.infer.http", ("torch", "ray")),
+        ("cifarkit.infer.http", ("torch", "ray", "cifarkit.serve")),  # the client shares cifarkit.multipart only
+        ("cifarkit.multipart", ("torch", "numpy", "ray", "cifarkit.serve", "cifarkit.infer")),
         # A run's live log loads TensorBoard's writer only when a run folder first holds a checkpoint.
         ("cifarkit.train.events", ("torch", "tensorboard")),
     ],

@@ -30,7 +30,7 @@ from cifarkit.files import Blob, Failure, chunked, ordered_map, read_regular
 from cifarkit.infer.classifier import Prediction, Result
 from cifarkit.infer.config import DEFAULT_BATCH_SIZE, check_url
 from cifarkit.infer.protocol import Engine, as_plan
-from cifarkit.serve.multipart import encode
+from cifarkit.multipart import encode
 
 DEFAULT_REQUESTS = 4  # requests in flight: enough for the server to gather batches across them
 RETRIES = 3  # attempts after the first, for a refused connection or a 5xx (a replica being replaced: ~5 s)

@@ -8,7 +8,7 @@ requests from many clients batched into one model call (`cifar-serve`, docs/serv
 
     config.py     ServeConfig and its checks (pure Python)
     handler.py    the routes, checks, decoding and JSON answers, whatever server carries them (no Ray)
-    multipart.py  multipart/form-data bodies (the batch endpoint)
+    (cifarkit.multipart: the multipart/form-data bodies of the batch endpoint, shared with the HTTP client)
     direct.py     --ingress direct: a replica's own HTTP server (aiohttp; no Ray)
     app.py        the Ray Serve deployment: replicas, @serve.batch, the direct server or Serve's proxy
     processes.py  the local Ray's processes, found and ended on every way out

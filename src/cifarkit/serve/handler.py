@@ -28,9 +28,9 @@ import numpy as np
 from cifarkit.errors import first_line
 from cifarkit.files import Failure
 from cifarkit.infer.classifier import Classifier, Prediction, Result
+from cifarkit.multipart import MultipartError, content_type_params, parse
 from cifarkit.preprocess import ImageError
 from cifarkit.serve.config import ServeConfig
-from cifarkit.serve.multipart import MultipartError, content_type_params, parse
 
 # Bodies up to this size are decoded on the event loop (a CIFAR-sized JPEG takes ~0.05-0.1 ms on the JPEG fast
 # path: a thread hand-off would cost as much); larger ones in a thread, so that a 12-megapixel photo (~30 ms even
