@@ -89,6 +89,20 @@ def write_imagefolder(
     return root
 
 
+def run_cli(main, *args) -> tuple[int, str, str]:
+    """Run a console script's main in-process: (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
 def export_checkpoint(checkpoint, out, *, images=None, **settings):
     """cifarkit.export.export for a checkpoint and an output folder (ExportConfig's other fields as keywords)."""
     from cifarkit.export import ExportConfig, export

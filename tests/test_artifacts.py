@@ -5,9 +5,7 @@ written; a variant over --max-drop is one line with the figures, exit 1, nothing
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import json
 import os
 import subprocess
@@ -21,19 +19,13 @@ import pytest
 from cifarkit.cli.export import main as export_main
 from cifarkit.errors import CifarkitError, GateError
 from cifarkit.infer import Classifier
-from conftest import export_checkpoint, synthetic_images, write_imagefolder
+from conftest import export_checkpoint, run_cli, synthetic_images, write_imagefolder
 
 BIN = Path(sys.executable).parent
 
 
 def cli(*args: object) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = export_main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
+    return run_cli(export_main, *args)
 
 
 def test_every_variant_keeps_the_contract_and_says_what_it_is(variants):

@@ -16,7 +16,15 @@ from cifarkit.model.checkpoint import Checkpoint
 from cifarkit.spec import TTA_MODES
 from cifarkit.stage import Silent
 from cifarkit.train import TrainConfig, train
-from cifarkit.train.budget import FINAL_EVAL_SHARE, TTA_PASSES, Budget, Pacer, Progress, final_tta, parse_duration
+from cifarkit.train.budget import (
+    FINAL_EVAL_SHARE,
+    TTA_PASSES,
+    Budget,
+    Pacer,
+    Progress,
+    final_evaluation,
+    parse_duration,
+)
 from cifarkit.train.recipes import RECIPES
 
 BIN = Path(sys.executable).parent
@@ -137,12 +145,21 @@ def test_the_final_tta_fits_its_share_of_the_budget():
     assert tuple(TTA_PASSES) == TTA_MODES  # every mode has a cost, cheapest first
     budget = 360.0
     allowed = FINAL_EVAL_SHARE * budget  # 36 s
+
+    def final_tta(recipe_tta: str, one_pass: float, budget: float) -> str:  # fp32 alone
+        return final_evaluation(recipe_tta, {"fp32": one_pass}, budget)[0]
+
     assert final_tta("hflip_translate", allowed / 6, budget) == "hflip_translate"  # 6 passes fit exactly
     assert final_tta("hflip_translate", allowed / 6 * 1.01, budget) == "hflip"
     assert final_tta("hflip_translate", allowed / 2 * 1.01, budget) == "none"
     assert final_tta("hflip", allowed / 2, budget) == "hflip"  # never richer than the recipe's
     assert final_tta("none", 0.001, budget) == "none"
     assert final_tta("hflip_translate", allowed * 5, budget) == "none"  # even one pass over: none, never fail
+    # With a faster precision too: the richest TTA first, in fp32 if it fits there, else in bf16; none in the faster
+    fast = {"fp32": allowed / 4, "bf16": allowed / 6}
+    assert final_evaluation("hflip_translate", fast, budget) == ("hflip_translate", "bf16")
+    assert final_evaluation("hflip", fast, budget) == ("hflip", "fp32")
+    assert final_evaluation("hflip_translate", {"fp32": allowed * 5, "bf16": allowed * 2}, budget) == ("none", "bf16")
 
 
 @pytest.mark.parametrize(

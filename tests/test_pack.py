@@ -4,7 +4,6 @@ included; the folder appears only when complete). The Ray engine reads the same 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -27,7 +26,7 @@ from cifarkit.files import Failure, iter_image_files
 from cifarkit.infer import Prediction
 from cifarkit.infer.sinks import PredictionParts, PredictionRows
 from cifarkit.pack import PackConfig, pack
-from conftest import synthetic_images
+from conftest import run_cli, synthetic_images
 
 NON_UTF8 = os.fsdecode(b"caf\xe9 \xff.jpg")  # a file name that is not UTF-8: Python carries it as surrogates
 
@@ -64,15 +63,7 @@ def walk(root: Path) -> list[str]:
     return [p for p in iter_image_files([root]) if isinstance(p, str)]
 
 
-def cli(main, *args) -> tuple[int, str, str]:
-    """Run a console script's main in-process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
+cli = run_cli  # (main, *args) -> (exit status, stdout, stderr)
 
 
 def read_shards(folder: Path) -> tuple[list[str], list[bytes]]:

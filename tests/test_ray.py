@@ -4,7 +4,6 @@ when a worker process is killed mid-run; bad input is one line and exit 2."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import os
@@ -26,7 +25,7 @@ from cifarkit.files import Failure, iter_image_files
 from cifarkit.infer import Classifier, Prediction
 from cifarkit.infer.inputs import InputPlan
 from cifarkit.pack import PackConfig, pack
-from conftest import REAL_DATA, needs_real_data, synthetic_images
+from conftest import REAL_DATA, needs_real_data, run_cli, synthetic_images
 
 ray = pytest.importorskip("ray")
 BIN = Path(sys.executable).parent
@@ -71,14 +70,8 @@ def odd(tmp_path_factory) -> Path:
     return root
 
 
-def cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = infer_cli.main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
+def cli(*args: object) -> tuple[int, str, str]:
+    return run_cli(infer_cli.main, *args)
 
 
 def same_results(got: list, want: list) -> None:

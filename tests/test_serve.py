@@ -31,7 +31,7 @@ from cifarkit.files import Failure
 from cifarkit.infer import Classifier, InferConfig, Prediction, open_engine
 from cifarkit.infer.inputs import InputPlan
 from cifarkit.infer.sinks import Writer
-from conftest import synthetic_images
+from conftest import run_cli, synthetic_images
 
 pytest.importorskip("ray.serve")
 requests = pytest.importorskip("requests")
@@ -201,14 +201,8 @@ def one_line_error(response: requests.Response) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = serve_cli.main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
+def cli(*args: object) -> tuple[int, str, str]:
+    return run_cli(serve_cli.main, *args)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from cifarkit.cli import EXIT_OK, console
 from cifarkit.cli.progress import run_reported
 from cifarkit.cli.shell import Command, Progress
 from cifarkit.train.config import TrainConfig
+from cifarkit.train.events import EVENTS_GLOB
 
 
 def run(cfg: TrainConfig, opts: Progress) -> int:
@@ -52,7 +53,7 @@ def print_result(result: Any) -> None:
             f"epochs; {fitted['planned_steps']:,} planned after the warm-up, re-fitted {len(fitted['fits']) - 1} "
             f"time(s)), {result.summary['total_seconds']:.1f} s at the last write"
         )
-    events = any(result.out_dir.glob("events.out.tfevents.*"))
+    events = any(result.out_dir.glob(EVENTS_GLOB))
     watch = ", TensorBoard events" if events else ""
     print(f"run folder: {result.out_dir}  (checkpoint.pt, metrics.json, loss.png, metrics.jsonl{watch})")
 

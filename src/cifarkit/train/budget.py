@@ -100,12 +100,6 @@ TTA_PASSES = {"none": 1, "hflip": 2, "hflip_translate": 6}
 FINAL_EVAL_SHARE = 0.10
 
 
-def final_tta(recipe_tta: str, one_pass_seconds: float, budget_seconds: float) -> str:
-    """The test-time augmentation for a budgeted run's final evaluation in fp32: the recipe's if its passes over
-    the test set fit in FINAL_EVAL_SHARE of the budget, else the richest cheaper one that fits, else none."""
-    return final_evaluation(recipe_tta, {"fp32": one_pass_seconds}, budget_seconds)[0]
-
-
 def final_evaluation(recipe_tta: str, pass_seconds: dict[str, float], budget_seconds: float) -> tuple[str, str]:
     """(TTA, precision) of a budgeted run's final evaluation. `pass_seconds`: one pass over the test set in each
     precision the run may evaluate in, the exported model's (fp32) first. The richest TTA up to the recipe's whose

@@ -35,7 +35,6 @@ class RunLog:
         self.pending: list[dict[str, Any]] = []
         self.file: Any = None
         self.writer: Any = None  # torch.utils.tensorboard.SummaryWriter, when tensorboard is installed
-        self.lines = 0
 
     def step(self, *, step: int, epoch: int, loss: float, lr: float, lr_factor: float, images_per_s: float,
              elapsed_s: float) -> None:  # fmt: skip
@@ -83,7 +82,6 @@ class RunLog:
     def _write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()  # a line every progress_every steps: `tail -f` sees each as it comes (~10 us a flush)
-        self.lines += 1
         if self.writer is None:
             return
         step, wall = record["step"], record["time"]
